@@ -1,0 +1,1 @@
+"""tensorfleet engine: the math. No grpc, no knowledge of nodes or the network."""
