@@ -1,0 +1,250 @@
+"""The single-process generate API: a model split into one or more stages chained in this process.
+
+Used by tests, benchmarks and ``tensorfleet-generate``. Requests share a batch: new requests are
+prefilled together, then every running sequence decodes one token per step; a finished sequence frees
+its slot at once and a waiting request takes it. Under tensor parallelism every rank runs the same loop
+(SPMD): logits are gathered on all ranks and the sampler is deterministic, so the ranks agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.kv_cache import KVCache, KVCacheSpec, available_memory, slots_for_memory
+from engine.model_source import load_hf_config, resolve_model
+from engine.parallel import TPGroup
+from engine.sampling import SamplingParams, apply_stop, finish_reason_for_length, resolve_seed, sample
+from engine.stage import StageModel, parse_dtype
+from engine.weights import WeightReader
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or None for the embedded default
+    dtype: str = "float32"
+    device: str = "cpu"
+    stages: int = 1  # pipeline stages chained in this process (layers split evenly)
+    max_seq_len: int = 2048
+    num_slots: int | None = None  # None: as many as fit in kv_memory_fraction of free memory
+    kv_memory_fraction: float = 0.3
+    max_slots: int = 64
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        if self.stages < 1:
+            raise ConfigError(f"stages={self.stages} must be >= 1")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} must be >= 2")
+        if self.num_slots is not None and self.num_slots < 1:
+            raise ConfigError(f"num_slots={self.num_slots} must be >= 1")
+
+
+@dataclass
+class Sequence_:
+    request_id: int
+    prompt_len: int
+    tokens: list[int]
+    params: SamplingParams
+    seed: int
+    slot: int = -1
+    cached: int = 0  # tokens whose k/v are in the slot
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass
+class Completion:
+    request_id: int
+    prompt_tokens: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    time_to_first_token: float = 0.0
+
+
+@dataclass
+class StepStats:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    if not 1 <= stages <= num_layers:
+        raise ConfigError(f"stages={stages} must be between 1 and the model's {num_layers} layers")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class LLM:
+    def __init__(self, config: EngineConfig | None = None, *, tp: TPGroup | None = None,
+                 layer_ranges: Sequence[tuple[int, int]] | None = None, load_tokenizer: bool = True) -> None:
+        self.config = config or EngineConfig()
+        source = resolve_model(self.config.model, cache_dir=self.config.cache_dir)
+        self.model_dir = Path(source.path)
+        self.model_cfg = ModelConfig.from_hf(load_hf_config(self.model_dir))
+        dtype, device = parse_dtype(self.config.dtype), torch.device(self.config.device)
+        ranges = list(layer_ranges or even_split(self.model_cfg.num_layers, self.config.stages))
+        self._check_ranges(ranges)
+        reader = WeightReader(self.model_dir)
+        self.stages: list[StageModel] = []
+        for start, end in ranges:
+            stage = StageModel(self.model_cfg, start=start, end=end, tp=tp, dtype=dtype, device=device)
+            stage.load(reader)
+            self.stages.append(stage)
+        self.num_slots = self.config.num_slots or self._slots_from_memory(device)
+        self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len)
+                                      for s in self.stages]
+        self.tokenizer = self._load_tokenizer() if load_tokenizer else None
+        self.eos_ids = set(self.model_cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.stats = StepStats()
+
+    def _check_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        expected = 0
+        for start, end in ranges:
+            if start != expected or end <= start:
+                raise ConfigError(f"layer ranges {ranges} must be contiguous, non-empty and start at 0")
+            expected = end
+        if expected != self.model_cfg.num_layers:
+            raise ConfigError(f"layer ranges {ranges} cover {expected} of {self.model_cfg.num_layers} layers")
+
+    def _slots_from_memory(self, device: torch.device) -> int:
+        per_slot = sum(s.kv_spec(num_slots=1, max_seq_len=self.config.max_seq_len).bytes_per_slot
+                       for s in self.stages)
+        return slots_for_memory(available_memory(device), self.config.kv_memory_fraction, per_slot,
+                                max_slots=self.config.max_slots)
+
+    def _load_tokenizer(self):  # noqa: ANN202 - transformers tokenizer type
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return [c.spec for c in self.caches]
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def encode(self, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+        elif self.tokenizer is None:
+            raise ConfigError("this engine was built without a tokenizer: pass token ids")
+        elif chat and self.tokenizer.chat_template:
+            ids = list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))
+        else:
+            ids = list(self.tokenizer.encode(prompt))
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary of {self.model_cfg.vocab_size}")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    # ------------------------------------------------------------------------------------- generation
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, *, chat: bool = False,
+                 on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Generate for every prompt; ``on_token(request_index, token_id)`` streams tokens as they come."""
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        seqs = [self._new_sequence(i, self.encode(p, chat=chat), sp) for i, (p, sp) in enumerate(zip(prompts, plist,
+                                                                                                   strict=True))]
+        waiting, running = deque(seqs), []
+        free = list(range(self.num_slots - 1, -1, -1))
+        start_time = time.perf_counter()
+        while waiting or running:
+            admitted = []
+            while waiting and free:
+                seq = waiting.popleft()
+                seq.slot = free.pop()
+                admitted.append(seq)
+            batch = admitted or running  # prefill newcomers first; decode otherwise
+            self._step(batch, on_token, start_time)
+            running = [s for s in running + admitted if s.finish_reason is None]
+            free.extend(s.slot for s in batch if s.finish_reason is not None)
+        return [self._completion(s, start_time) for s in seqs]
+
+    def _new_sequence(self, request_id: int, ids: list[int], params: SamplingParams) -> Sequence_:
+        if len(ids) + params.max_tokens > self.config.max_seq_len:
+            raise ConfigError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
+                              f"max_seq_len={self.config.max_seq_len}")
+        return Sequence_(request_id=request_id, prompt_len=len(ids), tokens=list(ids), params=params,
+                         seed=resolve_seed(params))
+
+    def _step(self, batch: list[Sequence_], on_token: Callable[[int, int], None] | None, t0: float) -> None:
+        tick = time.perf_counter()
+        new = [s.tokens[s.cached:] for s in batch]
+        logits = self.forward([s.slot for s in batch], [s.cached for s in batch], new)
+        tokens = sample(logits, [s.params for s in batch], [s.seed for s in batch],
+                        [len(s.tokens) for s in batch],
+                        [s.tokens for s in batch] if any(s.params.repetition_penalty != 1.0 for s in batch) else None)
+        now = time.perf_counter()
+        n_new = sum(len(x) for x in new)
+        if all(len(x) == 1 for x in new):
+            self.stats.decode_tokens += len(batch)
+            self.stats.decode_seconds += now - tick
+            self.stats.decode_steps += 1
+        else:
+            self.stats.prefill_tokens += n_new
+            self.stats.prefill_seconds += now - tick
+        for seq, token in zip(batch, tokens.tolist(), strict=True):
+            seq.cached = len(seq.tokens)
+            seq.tokens.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now - t0
+            if on_token is not None:
+                on_token(seq.request_id, token)
+            seq.finish_reason = (apply_stop(token, seq.params, self.eos_ids)
+                                 or self._stop_string(seq) or finish_reason_for_length(len(seq.output), seq.params))
+
+    def _stop_string(self, seq: Sequence_) -> str | None:
+        if not seq.params.stop or self.tokenizer is None:
+            return None
+        text = self.decode(seq.output)
+        return "stop" if any(s in text for s in seq.params.stop) else None
+
+    def _completion(self, seq: Sequence_, t0: float) -> Completion:
+        text = self.decode(seq.output)
+        if seq.params.stop:
+            cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        return Completion(request_id=seq.request_id, prompt_tokens=seq.tokens[: seq.prompt_len],
+                          token_ids=seq.output, text=text, finish_reason=seq.finish_reason or "length",
+                          time_to_first_token=seq.first_token_time or 0.0)
+
+    def forward(self, slots: list[int], starts: list[int], new_tokens: list[list[int]], *,
+                all_logits: bool = False) -> torch.Tensor:
+        """One batch step through every stage: logits [B, vocab] (or [B, T, vocab] with all_logits)."""
+        width = max(len(t) for t in new_tokens)
+        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in new_tokens], dtype=torch.long,
+                           device=self.stages[0].device)
+        meta = self.stages[0].make_meta(slots, starts, [len(t) for t in new_tokens])
+        h = ids
+        for stage, cache in zip(self.stages, self.caches, strict=True):
+            if h.device != stage.device:
+                h = h.to(stage.device)
+            h = stage(h, meta, cache, all_logits=all_logits)
+        return h

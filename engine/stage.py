@@ -1,0 +1,105 @@
+"""The layer-range model: one pipeline stage holds layers [start, end) of a model.
+
+The first stage also holds the embedding, the last the final norm and LM head. A stage loads only the
+tensors of its range (and, under tensor parallelism, only its rank's shard of each), so its memory grows
+with its layers, not with the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.attention import StepMeta
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.kv_cache import KVCache, KVCacheSpec
+from engine.model_source import load_hf_config
+from engine.models import FAMILY_CLASSES
+from engine.parallel import TPGroup, kv_head_range
+from engine.weights import WeightReader
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ConfigError(f"unsupported dtype {name} (supported: float32, bfloat16, float16)")
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r} (supported: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+class StageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, start: int, end: int, tp: TPGroup | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ConfigError(f"layer range [{start}, {end}) is not within the model's {cfg.num_layers} layers")
+        tp = tp or TPGroup.single()
+        self.cfg, self.start, self.end, self.tp = cfg, start, end, tp
+        self.dtype, self.device = dtype, torch.device(device)
+        self.is_first, self.is_last = start == 0, end == cfg.num_layers
+        family = FAMILY_CLASSES[cfg.family]
+        self.family = family(cfg, device=device)
+        kw = {"dtype": dtype, "device": device}
+        self.embedding = family.embedding(cfg, tp, **kw) if self.is_first else None
+        self.layers = nn.ModuleList(family.layer(cfg, tp, index=i, local=i - start, **kw) for i in range(start, end))
+        self.head = family.head(cfg, tp, self.embedding, **kw) if self.is_last else None
+        lo, hi = kv_head_range(cfg.total_num_kv_heads, tp)
+        self.num_kv_heads = hi - lo
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, start: int = 0, end: int | None = None,
+                        tp: TPGroup | None = None, dtype: torch.dtype | str = torch.float32,
+                        device: torch.device | str = "cpu") -> StageModel:
+        cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+        stage = cls(cfg, start=start, end=cfg.num_layers if end is None else end, tp=tp,
+                    dtype=parse_dtype(dtype), device=device)
+        stage.load(WeightReader(model_dir))
+        return stage
+
+    def load(self, reader: WeightReader) -> None:
+        """Read this stage's tensors (its layer range, this rank's shards) from the checkpoint."""
+        for part in (self.embedding, *self.layers, self.head):
+            if part is not None:
+                part.load(reader)
+
+    def kv_spec(self, *, num_slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
+        return KVCacheSpec(num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,
+                           head_dim=self.cfg.head_dim, max_seq_len=max_seq_len, num_slots=num_slots,
+                           dtype=dtype or self.dtype)
+
+    def new_cache(self, *, num_slots: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.kv_spec(num_slots=num_slots, max_seq_len=max_seq_len), device=self.device)
+
+    def make_meta(self, slots: list[int], starts: list[int], lengths: list[int]) -> StepMeta:
+        meta = StepMeta.build(slots, starts, lengths, device=self.device, sliding_window=self.cfg.sliding_window)
+        limit = self.cfg.max_position_embeddings
+        if int((meta.starts + meta.lengths).max()) > limit:
+            raise ConfigError(f"sequence length {int((meta.starts + meta.lengths).max())} exceeds the model's "
+                              f"max_position_embeddings={limit}")
+        return meta
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        """Run one batch step through this stage.
+
+        x: token ids [B, T] on the first stage, hidden states [B, T, hidden] otherwise. Returns hidden
+        states [B, T, hidden], or on the last stage logits: [B, vocab] for each row's last valid token,
+        or [B, T, vocab] with ``all_logits``.
+        """
+        self.family.prepare(meta, self.dtype)
+        h = self.embedding(x, meta) if self.embedding is not None else x
+        for layer in self.layers:
+            h = layer(h, meta, cache)
+        if self.head is None:
+            return h
+        if not all_logits:
+            h = h[torch.arange(h.shape[0], device=h.device), meta.last_index()]  # [B, hidden]
+        return self.head(h)

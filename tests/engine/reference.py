@@ -1,0 +1,93 @@
+"""Reference models for fidelity tests: small random-init Hugging Face checkpoints of each supported
+family, and a plain greedy loop over the Hugging Face model (no generate() heuristics such as EOS
+suppression), so that the engine is compared with the reference math and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# A larger init than the default 0.02 spreads the logits, so greedy ties (which fp32 rounding could
+# break either way) are practically impossible over 48 tokens.
+INIT = 0.15
+
+CONFIGS = {
+    "llama-gqa-tied": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                                     tie_word_embeddings=True, max_position_embeddings=512)),
+    "llama3-rope": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=2, vocab_size=300,
+                                  tie_word_embeddings=False, max_position_embeddings=512,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64},
+                                  rope_theta=500000.0)),
+    "mistral-window": ("mistral", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                       sliding_window=16, max_position_embeddings=512)),
+    "qwen2-bias": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                 max_position_embeddings=512, tie_word_embeddings=False)),
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                        vocab_size=256, max_position_embeddings=512, word_embed_proj_dim=64)),
+    "opt-postnorm-proj": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                                      vocab_size=256, max_position_embeddings=512, word_embed_proj_dim=32,
+                                      do_layer_norm_before=False)),
+}
+
+
+def _config(family: str, kwargs: dict):  # noqa: ANN202 - a transformers config
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "opt": OPTConfig}[family]
+    extra = {"initializer_range": INIT} if family != "opt" else {"init_std": INIT}
+    return cls(**kwargs, **extra)
+
+
+def make_random_model(name: str, directory: Path, *, seed: int = 0) -> Path:
+    """Save a random-init model of config ``name`` to ``directory`` (safetensors) and return it."""
+    from transformers import AutoModelForCausalLM
+
+    family, kwargs = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family, kwargs), dtype=torch.float32)
+    if family == "qwen2":
+        # Random init leaves biases at zero; give q/k/v biases values so the test can see them.
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=INIT)
+    if family == "opt":
+        for p in model.parameters():
+            if p.dim() == 1 and p.abs().sum() == 0:
+                torch.nn.init.normal_(p, std=INIT)  # biases and norm offsets matter in OPT: make them nonzero
+    model.save_pretrained(directory)
+    return directory
+
+
+def load_reference(model_dir: Path):  # noqa: ANN201 - a transformers model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+
+
+@torch.no_grad()
+def reference_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """Logits for every position of one unpadded prompt: [T, vocab]."""
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+@torch.no_grad()
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    """n greedy tokens from the Hugging Face model, using its own KV cache."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    past, tokens = out.past_key_values, []
+    nxt = int(out.logits[0, -1].argmax())
+    for _ in range(n):
+        tokens.append(nxt)
+        if len(tokens) == n:
+            break
+        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+    return tokens
