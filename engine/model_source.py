@@ -179,6 +179,11 @@ def _convert_cached(gguf_path: Path, cache_root: Path, *, progress: bool) -> Pat
         except OSError:
             if not (target / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
                 raise
+    except OSError as e:  # disk full, read-only cache: say where, and how to move the cache
+        raise ModelLoadError(
+            f"cannot write the converted model into {gguf_root}: {e.strerror or e} "
+            "(free some space or set TENSORFLEET_CACHE to another directory)"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -5,6 +5,7 @@ suppression), so that the engine is compared with the reference math and nothing
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -81,13 +82,15 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
 @torch.no_grad()
 def reference_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
     """n greedy tokens from the Hugging Face model, using its own KV cache."""
+    # transformers renamed past_key_values to cache in 5.2x; the GPU image has an older 5.x.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(torch.tensor([ids]), use_cache=True)
-    past, tokens = out.past_key_values, []
-    nxt = int(out.logits[0, -1].argmax())
+    tokens, nxt = [], int(out.logits[0, -1].argmax())
     for _ in range(n):
         tokens.append(nxt)
         if len(tokens) == n:
             break
-        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        past = getattr(out, "cache", None) or out.past_key_values
+        out = model(torch.tensor([[nxt]]), use_cache=True, **{cache_kw: past})
+        nxt = int(out.logits[0, -1].argmax())
     return tokens

@@ -127,7 +127,7 @@ def test_gguf_with_a_corrupted_magic(tmp_path: Path) -> None:
 
 
 def test_directory_holding_one_gguf_is_that_gguf(tmp_path: Path) -> None:
-    _gguf_prefix(tmp_path, 1 << 20)
+    _gguf_prefix(tmp_path, 4096)
     with pytest.raises(ModelLoadError, match="cut.gguf is not a valid GGUF file"):
         resolve_model(tmp_path, cache_dir=tmp_path / "cache", progress=False)
     _gguf_prefix(tmp_path, 1 << 10, "other.gguf")
