@@ -1,0 +1,116 @@
+from tensorfleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorParallelGroup(_message.Message):
+    __slots__ = ("store_address", "store_prefix", "world_size", "backend")
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    store_address: str
+    store_prefix: str
+    world_size: int
+    backend: str
+    def __init__(self, store_address: _Optional[str] = ..., store_prefix: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class LocalRank(_message.Message):
+    __slots__ = ("device_index", "tp_rank")
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    device_index: int
+    tp_rank: int
+    def __init__(self, device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
+
+class LoadStageRequest(_message.Message):
+    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "max_slots", "max_seq_len", "next_stage_address")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STAGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    model: str
+    stage_index: int
+    num_stages: int
+    layers: _common_pb2.LayerRange
+    dtype: _common_pb2.DType
+    group: TensorParallelGroup
+    local_ranks: _containers.RepeatedCompositeFieldContainer[LocalRank]
+    max_slots: int
+    max_seq_len: int
+    next_stage_address: str
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., max_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ...) -> None: ...
+
+class LoadStageResponse(_message.Message):
+    __slots__ = ("epoch", "weight_bytes", "kv_cache_bytes", "load_seconds")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    weight_bytes: int
+    kv_cache_bytes: int
+    load_seconds: float
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class SequenceStep(_message.Message):
+    __slots__ = ("request_id", "slot", "positions", "token_ids", "sampling")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    slot: int
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class StepMessage(_message.Message):
+    __slots__ = ("epoch", "step_id", "sequences", "hidden", "release_slots")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    step_id: int
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
+    hidden: _common_pb2.Tensor
+    release_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., release_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SampledToken(_message.Message):
+    __slots__ = ("request_id", "slot", "token_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    slot: int
+    token_id: int
+    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., token_id: _Optional[int] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("epoch", "step_id", "tokens", "hidden")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    step_id: int
+    tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
+    hidden: _common_pb2.Tensor
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...

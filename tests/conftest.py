@@ -1,0 +1,46 @@
+"""Shared test configuration: nothing heavy is imported at collection time.
+
+- ``free_port``: a TCP port on 127.0.0.1 that was free a moment ago.
+- Tests marked ``gpu`` are skipped when torch.cuda is not available; torch is imported only when such
+  tests were collected.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _pick_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just reported free (bind it soon: others may take it)."""
+    return _pick_free_port()
+
+
+def _cuda_skip_reason() -> str | None:
+    try:
+        import torch
+    except ImportError as e:
+        return f"needs CUDA: torch is not importable ({e})"
+    if not torch.cuda.is_available():
+        return "needs CUDA: torch.cuda.is_available() is False"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in gpu_items:
+        item.add_marker(skip)
