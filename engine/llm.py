@@ -97,7 +97,7 @@ class LLM:
                  layer_ranges: Sequence[tuple[int, int]] | None = None, load_tokenizer: bool = True) -> None:
         self.config = config or EngineConfig()
         source = resolve_model(self.config.model, cache_dir=self.config.cache_dir)
-        self.model_dir = Path(source.path)
+        self.model_dir, self.model_name = Path(source.path), source.name
         self.model_cfg = ModelConfig.from_hf(load_hf_config(self.model_dir))
         dtype, device = parse_dtype(self.config.dtype), torch.device(self.config.device)
         ranges = list(layer_ranges or even_split(self.model_cfg.num_layers, self.config.stages))
@@ -109,6 +109,8 @@ class LLM:
             stage.load(reader)
             self.stages.append(stage)
         self.num_slots = self.config.num_slots or self._slots_from_memory(device)
+        for stage in self.stages:
+            stage.set_weight_layout(max_batch=self.num_slots)
         self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len)
                                       for s in self.stages]
         self.tokenizer = self._load_tokenizer() if load_tokenizer else None

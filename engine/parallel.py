@@ -77,11 +77,34 @@ class ShardedLinear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
+        self.weight_t: torch.Tensor | None = None
+
+    def transpose_weight(self) -> None:
+        """Keep the weight as [in, out] instead (see ``transposed_layout_pays``); frees the original."""
+        self.weight_t = self.weight.detach().t().contiguous()
+        self.weight = None
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, bias)
+        y = torch.matmul(x, self.weight_t)
+        return y + bias if bias is not None else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce_results:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return self._matmul(x, self.bias)
+        y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
+
+
+def transposed_layout_pays(device: torch.device, dtype: torch.dtype, max_batch: int) -> bool:
+    """Whether [in, out] weights beat PyTorch's [out, in] for this device, dtype and batch.
+
+    Measured on a 2-core AMD EPYC (Zen 4), torch 2.13 CPU, SmolLM2-135M shapes, all layers in a chain
+    (memory-bound): fp32 at batch 1 takes 32 ms instead of 46 ms, but batch 8 takes 65 ms instead of
+    58 ms. fp16/bf16 have fast kernels only for [out, in]; CUDA handles both layouts alike.
+    """
+    return device.type == "cpu" and dtype == torch.float32 and max_batch <= 2
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -125,8 +148,17 @@ class ParallelLMHead(nn.Module):
         self.table = embedding if embedding is not None else VocabParallelEmbedding(
             vocab_size, dim, tp=tp, dtype=dtype, device=device)
 
+        self.weight_t: torch.Tensor | None = None
+
+    def transpose_weight(self) -> None:
+        """A [dim, vocab] copy for the projection; the table itself stays for embedding lookups."""
+        self.weight_t = self.table.weight.detach().t().contiguous()
+
     def forward(self, x: torch.Tensor, *, gather_output: bool = True) -> torch.Tensor:
-        logits = F.linear(x, self.table.weight)  # [..., vocab/tp]
+        if self.weight_t is not None:
+            logits = torch.matmul(x, self.weight_t)
+        else:
+            logits = F.linear(x, self.table.weight)  # [..., vocab/tp]
         if gather_output:
             logits = self.tp.all_gather_last(logits)[..., : self.vocab_size]
         return logits

@@ -11,8 +11,16 @@ from torch import nn
 from engine.attention import StepMeta
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.models.common import (ACTIVATIONS, Attention, LayerNorm, load_into, load_vocab_table, read_cols,
-                                  read_full, read_rows)
+from engine.models.common import (
+    ACTIVATIONS,
+    Attention,
+    LayerNorm,
+    load_into,
+    load_vocab_table,
+    read_cols,
+    read_full,
+    read_rows,
+)
 from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, VocabParallelEmbedding
 from engine.weights import WeightReader
 

@@ -1,0 +1,104 @@
+"""``tensorfleet-generate``: single-process generation (``make run`` uses it).
+
+Loads a model (default: the embedded SmolLM2-135M-Instruct), optionally split into pipeline stages in
+this process, and streams the answer to each prompt. Bad input ends with a one-line error, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from engine.errors import TensorfleetError
+
+DEMO_PROMPT = "In two sentences: why do people split a large language model across several machines?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorfleet-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("prompts", nargs="*", help=f"prompts to answer (default: a demo prompt: {DEMO_PROMPT!r})")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face model directory or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--stages", type=int, default=1, help="split the layers into this many stages in-process")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except TensorfleetError as e:
+        print(f"tensorfleet-generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from engine.llm import LLM, EngineConfig
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
+                            seed=args.seed, stop=tuple(args.stop))
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, stages=args.stages,
+                          max_seq_len=args.max_seq_len, num_slots=max(1, len(args.prompts)))
+    started = time.perf_counter()
+    llm = LLM(config)
+    print(f"loaded {llm.model_name} ({llm.model_cfg.model_type}, {llm.model_cfg.num_layers} layers, "
+          f"{len(llm.stages)} stage(s), {args.dtype}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    prompts = args.prompts or [DEMO_PROMPT]
+    for prompt in prompts:
+        print(f"\n>>> {prompt}")
+        printer = _StreamPrinter(llm, holdback=max((len(x) for x in args.stop), default=0))
+        out = llm.generate([prompt], params, chat=not args.raw, on_token=printer)[0]
+        printer.finish(out.text)
+        print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}]", file=sys.stderr)
+    stats = llm.stats
+    if stats.decode_seconds > 0:
+        print(f"decode: {stats.decode_tokens / stats.decode_seconds:.1f} tokens/s over {stats.decode_steps} steps; "
+              f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.0f} ms", file=sys.stderr)
+    return 0
+
+
+class _StreamPrinter:
+    """Prints the text as tokens arrive (decoding the whole output each time keeps multi-byte
+    characters and merged tokens right)."""
+
+    def __init__(self, llm, holdback: int = 0) -> None:  # noqa: ANN001
+        # With stop strings, hold back a possible partial stop string until the output is final.
+        self.llm, self.tokens, self.shown, self.holdback = llm, [], 0, holdback
+
+    def __call__(self, _request: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.llm.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return  # an incomplete UTF-8 sequence: wait for the next token
+        end = len(text) - self.holdback
+        if end > self.shown:
+            sys.stdout.write(text[self.shown:end])
+            sys.stdout.flush()
+            self.shown = end
+
+    def finish(self, final: str) -> None:
+        if len(final) > self.shown:
+            sys.stdout.write(final[self.shown:])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
