@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--stages", type=int, default=1, help="split the layers into this many stages in-process")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: run on this many local processes joined over gloo")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -48,17 +50,75 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from engine.llm import LLM, EngineConfig
+    from engine.config import ModelConfig
+    from engine.llm import EngineConfig
+    from engine.model_source import load_hf_config, resolve_model
     from engine.sampling import SamplingParams
 
+    # Validate everything before loading weights or starting processes.
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
                             seed=args.seed, stop=tuple(args.stop))
+    source = resolve_model(args.model)
+    ModelConfig.from_hf(load_hf_config(source.path)).check_tensor_parallel(args.tp)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, stages=args.stages,
                           max_seq_len=args.max_seq_len, num_slots=max(1, len(args.prompts)))
+    if args.tp == 1:
+        return _generate(args, config, params)
+    return _spawn_tensor_parallel(args, config, params)
+
+
+def _spawn_tensor_parallel(args: argparse.Namespace, config, params) -> int:  # noqa: ANN001
+    """Run the same generation on tp local processes joined in a gloo group; rank 0 prints."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tp_rank, args=(rank, args, config, params, port)) for rank in range(args.tp)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    codes = [p.exitcode for p in procs]
+    return 0 if codes == [0] * len(codes) else max(c for c in codes if c) if any(codes) else 1
+
+
+def _tp_rank(rank: int, args: argparse.Namespace, config, params, port: int) -> None:  # noqa: ANN001
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from engine.parallel import TPGroup
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.tp,
+                            timeout=timedelta(minutes=10))
+    try:
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the leader alone prints
+            sys.stderr = sys.stdout
+        code = _generate(args, config, params, tp=TPGroup.from_group())
+    except TensorfleetError as e:
+        print(f"tensorfleet-generate: error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def _generate(args: argparse.Namespace, config, params, *, tp=None) -> int:  # noqa: ANN001
+    from engine.llm import LLM
+
     started = time.perf_counter()
-    llm = LLM(config)
-    print(f"loaded {llm.model_name} ({llm.model_cfg.model_type}, {llm.model_cfg.num_layers} layers, "
+    llm = LLM(config, tp=tp)
+    tp_note = f", tp={tp.size}" if tp is not None else ""
+    print(f"loaded {llm.model_name}{tp_note} ({llm.model_cfg.model_type}, {llm.model_cfg.num_layers} layers, "
           f"{len(llm.stages)} stage(s), {args.dtype}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prompts = args.prompts or [DEMO_PROMPT]
     for prompt in prompts:

@@ -70,6 +70,18 @@ class ModelConfig:
         if self.hidden_act not in ("silu", "relu", "gelu"):
             raise ConfigError(f"unsupported activation {self.hidden_act!r}")
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise a ConfigError naming both numbers if this model cannot be split tp ways."""
+        if tp < 1:
+            raise ConfigError(f"tensor-parallel size tp={tp} must be >= 1")
+        for name, total in (("num_attention_heads", self.total_num_heads),
+                            ("intermediate_size", self.intermediate_size)):
+            if total % tp:
+                raise ConfigError(f"{name}={total} is not divisible by tp={tp}")
+        kv = self.total_num_kv_heads
+        if kv % tp and tp % kv:
+            raise ConfigError(f"num_key_value_heads={kv} and tp={tp}: one must divide the other")
+
     @property
     def embed_dim(self) -> int:
         """Width of the token embedding (OPT may project it to hidden_size)."""

@@ -291,6 +291,7 @@ def _file_sha256(path: Path, gguf_root: Path, *, progress: bool) -> str:
         digest = known.get("sha256")
         if isinstance(digest, str) and len(digest) == 64:
             return digest
+    check_gguf(path)  # a file not seen before: make sure it is whole before reading it all to hash it
     digest = _hash_file(path, stat.st_size, progress=progress)
     hashes[key] = {**stamp, "sha256": digest}
     _write_json_atomic(hashes_file, hashes)
