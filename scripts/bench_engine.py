@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16", "float16")
 SYSTEMS = ("transformers", "engine")
 MAX_BATCH = 8
+NOISY_SPREAD = 1.3  # max/min of t_N above this is reported as a noisy measurement
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 QUICK = {"new_tokens": 8, "repeats": 1, "batch_sizes": "1,2"}
 DEFAULTS = {"new_tokens": 64, "repeats": 3, "batch_sizes": "1,8"}
@@ -125,7 +126,14 @@ def machine_info(dtype: str) -> dict[str, Any]:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "dtype": dtype}
+            "dtype": dtype, "loadavg": load_average()}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -273,22 +281,32 @@ def run_benchmark(runners: list[Runner], prompts: list[list[int]], args: argpars
     return {"raw": raw, "agreement": {str(b): agreement(o["transformers"], o["engine"]) for b, o in outputs.items()}}
 
 
+def decode_rate(b: int, n: int, t_n: float, t_1: float) -> float | None:
+    # None when noise made t_N <= t_1: there is no meaningful decode rate then.
+    return b * (n - 1) / (t_n - t_1) if t_n > t_1 else None
+
+
 def summarize(raw: dict[str, Any], sizes: list[int], n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rates from the median times (the headline) and from the minimum times ("best": least disturbed
+    by other load), plus the spread max/min of t_N, which flags a noisy measurement."""
     rows = []
     for system in SYSTEMS:
         for b in sizes:
             times = raw[system][str(b)]
             t_n, t_1 = statistics.median(times["t_n_s"]), statistics.median(times["t_1_s"])
-            decode_time = t_n - t_1
+            best_n, best_1 = min(times["t_n_s"]), min(times["t_1_s"])
             rows.append({"system": system, "batch": b, "new_tokens": n, "t_n_median_s": t_n, "t_1_median_s": t_1,
-                         # None when noise made t_N <= t_1: there is no meaningful decode rate then.
-                         "decode_tok_s": b * (n - 1) / decode_time if decode_time > 0 else None,
-                         "e2e_tok_s": b * n / t_n, "ttft_ms": t_1 * 1000.0})
+                         "decode_tok_s": decode_rate(b, n, t_n, t_1), "e2e_tok_s": b * n / t_n,
+                         "ttft_ms": t_1 * 1000.0, "t_n_min_s": best_n, "t_1_min_s": best_1,
+                         "decode_tok_s_best": decode_rate(b, n, best_n, best_1),
+                         "t_n_spread": max(times["t_n_s"]) / best_n})
     by_key = {(r["system"], r["batch"]): r for r in rows}
-    ratios = {}
+    ratios: dict[str, Any] = {"decode_engine_over_transformers": {}, "decode_best_engine_over_transformers": {}}
     for b in sizes:
-        e, h = by_key[("engine", b)]["decode_tok_s"], by_key[("transformers", b)]["decode_tok_s"]
-        ratios[str(b)] = e / h if e and h else None
+        e, h = by_key[("engine", b)], by_key[("transformers", b)]
+        for name, key in (("decode_engine_over_transformers", "decode_tok_s"),
+                          ("decode_best_engine_over_transformers", "decode_tok_s_best")):
+            ratios[name][str(b)] = e[key] / h[key] if e[key] and h[key] else None
     return rows, ratios
 
 
@@ -305,16 +323,25 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"setup:   N={s['new_tokens']} new tokens, EOS ignored, greedy; medians of {s['repeats']} interleaved "
           f"round(s); decode = B*(N-1)/(t_N - t_1), e2e = B*N/t_N, TTFT ~ t_1")
     print()
-    print(f"{'system':<13} {'batch':>5} {'decode tok/s':>13} {'e2e tok/s':>10} {'TTFT ms':>9}")
+    print(f"{'system':<13} {'batch':>5} {'decode tok/s':>13} {'e2e tok/s':>10} {'TTFT ms':>9}   "
+          f"{'best decode':>11} {'t_N spread':>10}")
     for r in result["results"]:
         print(f"{r['system']:<13} {r['batch']:>5} {_fmt(r['decode_tok_s'], '13.1f')} "
-              f"{_fmt(r['e2e_tok_s'], '10.1f')} {_fmt(r['ttft_ms'], '9.1f')}")
+              f"{_fmt(r['e2e_tok_s'], '10.1f')} {_fmt(r['ttft_ms'], '9.1f')}   "
+              f"{_fmt(r['decode_tok_s_best'], '11.1f')} {r['t_n_spread']:>9.2f}x")
+    print("(decode/e2e/TTFT from median times; best decode from minimum times; spread = max/min of t_N)")
     print()
+    best = result["ratios"]["decode_best_engine_over_transformers"]
     for b, ratio in result["ratios"]["decode_engine_over_transformers"].items():
         ag = result["agreement"][b]
-        print(f"batch {b}: engine/transformers decode tok/s = {_fmt(ratio, '.2f')}x   "
-              f"(greedy outputs identical for {ag['identical']}/{ag['of']} prompts, "
-              f"mean common prefix {ag['mean_common_prefix']:.1f}/{ag['tokens']} tokens)")
+        print(f"batch {b}: engine/transformers decode tok/s = {_fmt(ratio, '.2f')}x (best: {_fmt(best[b], '.2f')}x)"
+              f"   greedy outputs identical for {ag['identical']}/{ag['of']} prompts, "
+              f"mean common prefix {ag['mean_common_prefix']:.1f}/{ag['tokens']} tokens")
+    noisy = [f"{r['system']} B={r['batch']}" for r in result["results"] if r["t_n_spread"] > NOISY_SPREAD]
+    if noisy:
+        print(f"WARNING: noisy measurement (t_N varied more than {NOISY_SPREAD:.1f}x for {', '.join(noisy)}; "
+              f"load average {result['machine']['loadavg_start']} -> {result['machine']['loadavg']}): "
+              "other processes compete for the CPU; rerun on a quiet machine or with more --repeats")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -349,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    load_start = load_average()
     hf_runner, engine_runner, prompts, source, model_dir = load_systems(args)
     measured = run_benchmark([hf_runner, engine_runner], prompts, args)
     rows, ratios = summarize(measured["raw"], args.batch_sizes, args.new_tokens)
     result = {
-        "machine": machine_info(args.dtype),
+        "machine": {**machine_info(args.dtype), "loadavg_start": load_start},
         "settings": {"model": args.model or "embedded SmolLM2-135M-Instruct", "model_dir": str(model_dir),
                      "dtype": args.dtype, "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
                      "repeats": args.repeats, "quick": args.quick, "prompt_source": source,
@@ -361,7 +389,7 @@ def _run(args: argparse.Namespace) -> int:
         "raw": measured["raw"],
         "engine_internal": engine_runner.extra,
         "results": rows,
-        "ratios": {"decode_engine_over_transformers": ratios},
+        "ratios": ratios,
         "agreement": measured["agreement"],
     }
     print_report(result)

@@ -64,8 +64,10 @@ def test_quick_run_writes_report(bench, tiny_model_dir: Path, tmp_path: Path,
     assert set(rows) == {(s, b) for s in ("transformers", "engine") for b in (1, 2)}
     for row in rows.values():
         assert row["decode_tok_s"] > 0 and row["e2e_tok_s"] > 0 and row["ttft_ms"] > 0
-    ratios = report["ratios"]["decode_engine_over_transformers"]
-    assert set(ratios) == {"1", "2"} and all(r > 0 for r in ratios.values())
+        assert row["decode_tok_s_best"] > 0 and row["t_n_spread"] >= 1
+    for name in ("decode_engine_over_transformers", "decode_best_engine_over_transformers"):
+        ratios = report["ratios"][name]
+        assert set(ratios) == {"1", "2"} and all(r > 0 for r in ratios.values())
     printed = capsys.readouterr()
     assert "engine/transformers decode tok/s" in printed.out
     assert "round 3/3" in printed.err  # progress goes to stderr
