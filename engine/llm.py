@@ -37,6 +37,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.3
     max_slots: int = 64
     cache_dir: str | None = None
+    optimize_kernels: bool = True  # e.g. oneDNN weights on CPU fp32; False keeps plain torch.nn.functional
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -109,8 +110,9 @@ class LLM:
             stage.load(reader)
             self.stages.append(stage)
         self.num_slots = self.config.num_slots or self._slots_from_memory(device)
-        for stage in self.stages:
-            stage.set_weight_layout(max_batch=self.num_slots)
+        if self.config.optimize_kernels:
+            for stage in self.stages:
+                stage.optimize_kernels()
         self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len)
                                       for s in self.stages]
         self.tokenizer = self._load_tokenizer() if load_tokenizer else None

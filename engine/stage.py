@@ -18,7 +18,7 @@ from engine.errors import ConfigError
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_source import load_hf_config
 from engine.models import FAMILY_CLASSES
-from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range, transposed_layout_pays
+from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range, onednn_pays
 from engine.weights import WeightReader
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -70,12 +70,12 @@ class StageModel(nn.Module):
             if part is not None:
                 part.load(reader)
 
-    def set_weight_layout(self, *, max_batch: int) -> None:
-        """Pick the faster weight layout for the batch sizes this stage will run (after ``load``)."""
-        if transposed_layout_pays(self.device, self.dtype, max_batch):
+    def optimize_kernels(self) -> None:
+        """After ``load``: move weights to the fastest kernel's layout for this device and dtype."""
+        if onednn_pays(self.device, self.dtype):
             for module in self.modules():
                 if isinstance(module, (ShardedLinear, ParallelLMHead)):
-                    module.transpose_weight()
+                    module.use_onednn()
 
     def kv_spec(self, *, num_slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         return KVCacheSpec(num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,

@@ -44,9 +44,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {name: make_random_model(name, root / name) for name in CONFIGS}
 
 
-def engine_for(model_dir, *, stages: int = 1, slots: int = 6) -> LLM:  # noqa: ANN001
-    return LLM(EngineConfig(model=str(model_dir), stages=stages, num_slots=slots, max_seq_len=160),
-               load_tokenizer=False)
+def engine_for(model_dir, *, stages: int = 1, optimize: bool = True) -> LLM:  # noqa: ANN001
+    return LLM(EngineConfig(model=str(model_dir), stages=stages, num_slots=6, max_seq_len=160,
+                            optimize_kernels=optimize), load_tokenizer=False)
 
 
 def check_prompt(llm: LLM, ref, ids: list[int]) -> None:  # noqa: ANN001
@@ -60,8 +60,8 @@ def check_prompt(llm: LLM, ref, ids: list[int]) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_random_model_matches_transformers(model_dirs: dict, name: str, stages: int) -> None:
     ref = load_reference(model_dirs[name])
-    # One slot on one stage: on CPU fp32 that selects the transposed weight layout; 6 slots the other.
-    llm = engine_for(model_dirs[name], stages=stages, slots=1 if stages == 1 else 6)
+    # One stage runs the optimized CPU kernels (oneDNN), three stages the plain torch.nn.functional path.
+    llm = engine_for(model_dirs[name], stages=stages, optimize=stages == 1)
     assert len(llm.stages) == stages
     for ids in random_prompts(ref.config.vocab_size, [1, 11, 40]):
         check_prompt(llm, ref, ids)
@@ -110,7 +110,8 @@ def embedded(embedded_model_dir) -> tuple:  # noqa: ANN001
 @pytest.mark.parametrize("stages", [1, 3])
 def test_embedded_model_matches_transformers(embedded: tuple, stages: int) -> None:
     ref, model_dir = embedded
-    llm = LLM(EngineConfig(model=str(model_dir), stages=stages, num_slots=1 if stages == 1 else 4, max_seq_len=160))
+    llm = LLM(EngineConfig(model=str(model_dir), stages=stages, num_slots=4, max_seq_len=160,
+                           optimize_kernels=stages == 1))
     for text in EMBEDDED_PROMPTS[: 3 if stages == 1 else 1]:
         check_prompt(llm, ref, llm.encode(text))
 
