@@ -67,7 +67,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(VENV_PY) scripts/bench_engine.py
+	$(VENV_PY) scripts/bench_engine.py --engine-dtypes float32,float16,bfloat16
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -16,6 +16,11 @@ stdout and, with every raw timing, to a JSON file; progress goes to stderr.
     .venv/bin/python scripts/bench_engine.py                  # embedded SmolLM2-135M, float32, B=1,8
     .venv/bin/python scripts/bench_engine.py --dtype bfloat16 --batch-sizes 1,4,8 --repeats 5
     .venv/bin/python scripts/bench_engine.py --model /path/to/hf-dir --threads 2
+    .venv/bin/python scripts/bench_engine.py --engine-dtypes float32,float16,bfloat16   # make bench
+
+``--engine-dtypes`` adds engine runs in other dtypes to the same interleaved run (named
+``engine-<dtype>``), compared with transformers in ``--dtype``; their greedy agreement with
+transformers shows what the lower precision changes.
 
 A model directory without tokenizer files is benchmarked on fixed, seeded random token-id prompts.
 """
@@ -36,7 +41,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16", "float16")
-SYSTEMS = ("transformers", "engine")
 MAX_BATCH = 8
 NOISY_SPREAD = 1.3  # max/min of t_N above this is reported as a noisy measurement
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -68,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of BOTH systems (default float32)")
+    p.add_argument("--engine-dtypes", default=None,
+                   help="comma-separated engine dtypes to measure against transformers in --dtype "
+                        "(default: just --dtype)")
     p.add_argument("--new-tokens", type=int, default=None,
                    help=f"N new tokens per generation (default {DEFAULTS['new_tokens']})")
     p.add_argument("--batch-sizes", default=None,
@@ -84,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.batch_sizes = parse_batch_sizes(args.batch_sizes)
+    args.engine_dtypes = [d.strip() for d in (args.engine_dtypes or args.dtype).split(",") if d.strip()]
+    bad = [d for d in args.engine_dtypes if d not in DTYPES]
+    if bad or not args.engine_dtypes:
+        raise BenchError(f"--engine-dtypes: {bad[0] if bad else 'empty'!r} is not one of {', '.join(DTYPES)}")
     if args.new_tokens < 2:
         raise BenchError(f"--new-tokens={args.new_tokens} must be >= 2 (decode rate needs t_N - t_1)")
     if args.repeats < 1:
@@ -165,7 +176,7 @@ class Runner:
     extra: dict[str, list[float]] = field(default_factory=dict)
 
     def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
-        return self._engine(prompts, n) if self.name == "engine" else self._transformers(prompts, n)
+        return self._engine(prompts, n) if self.llm is not None else self._transformers(prompts, n)
 
     def _engine(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         from engine.llm import StepStats
@@ -192,7 +203,11 @@ class Runner:
         return out[:, width:].tolist()
 
 
-def load_systems(args: argparse.Namespace) -> tuple[Runner, Runner, list[list[int]], str, Path]:
+def engine_name(dtype: str, args: argparse.Namespace) -> str:
+    return "engine" if dtype == args.dtype else f"engine-{dtype}"
+
+
+def load_systems(args: argparse.Namespace) -> tuple[Runner, list[Runner], list[list[int]], str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,12 +217,16 @@ def load_systems(args: argparse.Namespace) -> tuple[Runner, Runner, list[list[in
     model_dir = Path(resolve_model(args.model).path)
     with_tok = has_tokenizer(model_dir)
     vocab = int(load_hf_config(model_dir).get("vocab_size", 0) or 0)
-    log(f"loading the engine ({args.model or 'embedded'}, {args.dtype}) from {model_dir}")
-    t0 = time.perf_counter()
-    # One slot per prompt of the largest batch; 256 tokens of room for the (short) prompts.
-    config = EngineConfig(model=args.model, dtype=args.dtype, num_slots=max(args.batch_sizes),
-                          max_seq_len=max(1024, 256 + args.new_tokens))
-    llm = LLM(config, load_tokenizer=with_tok)
+    engines = []
+    for dtype in args.engine_dtypes:
+        log(f"loading the engine ({args.model or 'embedded'}, {dtype}) from {model_dir}")
+        t0 = time.perf_counter()
+        # One slot per prompt of the largest batch; 256 tokens of room for the (short) prompts.
+        config = EngineConfig(model=args.model, dtype=dtype, num_slots=max(args.batch_sizes),
+                              max_seq_len=max(1024, 256 + args.new_tokens))
+        engines.append(Runner(engine_name(dtype, args), llm=LLM(config, load_tokenizer=with_tok)))
+        log(f"  engine loaded in {time.perf_counter() - t0:.1f} s")
+    llm = engines[0].llm
     if with_tok:
         prompts = [llm.encode(text, chat=True) for text in PROMPTS]
         source = "chat-template prompts (fixed English texts)"
@@ -215,7 +234,6 @@ def load_systems(args: argparse.Namespace) -> tuple[Runner, Runner, list[list[in
         prompts = random_prompts(vocab or llm.model_cfg.vocab_size)
         source = (f"no tokenizer in {model_dir}: fixed random token-id prompts "
                   f"(seed {RANDOM_PROMPT_SEED}, lengths {RANDOM_PROMPT_LENGTHS[0]}..{RANDOM_PROMPT_LENGTHS[1]})")
-    log(f"  engine loaded in {time.perf_counter() - t0:.1f} s")
     log(f"loading transformers AutoModelForCausalLM ({args.dtype})")
     t0 = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
@@ -229,8 +247,7 @@ def load_systems(args: argparse.Namespace) -> tuple[Runner, Runner, list[list[in
         eos = gc.eos_token_id[0] if isinstance(gc.eos_token_id, list) else gc.eos_token_id
         pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos if eos is not None else 0)
     log(f"  transformers loaded in {time.perf_counter() - t0:.1f} s")
-    return (Runner("transformers", hf=hf, pad_id=int(pad_id)), Runner("engine", llm=llm), prompts, source,
-            model_dir)
+    return Runner("transformers", hf=hf, pad_id=int(pad_id)), engines, prompts, source, model_dir
 
 
 # ------------------------------------------------------------------------------------------- measure
@@ -278,7 +295,9 @@ def run_benchmark(runners: list[Runner], prompts: list[list[int]], args: argpars
                     done += 1
                     log(f"[{done}/{total}] round {rnd + 1}/{args.repeats}  {r.name:<12} B={b} N={tokens:<4} "
                         f"{t:8.3f} s")
-    return {"raw": raw, "agreement": {str(b): agreement(o["transformers"], o["engine"]) for b, o in outputs.items()}}
+    engines = [r.name for r in runners if r.name != "transformers"]
+    return {"raw": raw, "agreement": {
+        name: {str(b): agreement(o["transformers"], o[name]) for b, o in outputs.items()} for name in engines}}
 
 
 def decode_rate(b: int, n: int, t_n: float, t_1: float) -> float | None:
@@ -286,11 +305,12 @@ def decode_rate(b: int, n: int, t_n: float, t_1: float) -> float | None:
     return b * (n - 1) / (t_n - t_1) if t_n > t_1 else None
 
 
-def summarize(raw: dict[str, Any], sizes: list[int], n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def summarize(raw: dict[str, Any], sizes: list[int], n: int, systems: list[str]
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rates from the median times (the headline) and from the minimum times ("best": least disturbed
     by other load), plus the spread max/min of t_N, which flags a noisy measurement."""
     rows = []
-    for system in SYSTEMS:
+    for system in systems:
         for b in sizes:
             times = raw[system][str(b)]
             t_n, t_1 = statistics.median(times["t_n_s"]), statistics.median(times["t_1_s"])
@@ -301,12 +321,16 @@ def summarize(raw: dict[str, Any], sizes: list[int], n: int) -> tuple[list[dict[
                          "decode_tok_s_best": decode_rate(b, n, best_n, best_1),
                          "t_n_spread": max(times["t_n_s"]) / best_n})
     by_key = {(r["system"], r["batch"]): r for r in rows}
-    ratios: dict[str, Any] = {"decode_engine_over_transformers": {}, "decode_best_engine_over_transformers": {}}
-    for b in sizes:
-        e, h = by_key[("engine", b)], by_key[("transformers", b)]
-        for name, key in (("decode_engine_over_transformers", "decode_tok_s"),
-                          ("decode_best_engine_over_transformers", "decode_tok_s_best")):
-            ratios[name][str(b)] = e[key] / h[key] if e[key] and h[key] else None
+    ratios: dict[str, Any] = {"decode_over_transformers": {}, "decode_best_over_transformers": {}}
+    for system in systems[1:]:
+        for b in sizes:
+            e, h = by_key[(system, b)], by_key[("transformers", b)]
+            for name, key in (("decode_over_transformers", "decode_tok_s"),
+                              ("decode_best_over_transformers", "decode_tok_s_best")):
+                ratios[name].setdefault(system, {})[str(b)] = e[key] / h[key] if e[key] and h[key] else None
+    if "engine" in systems:  # the same-dtype comparison, under its own keys
+        ratios["decode_engine_over_transformers"] = ratios["decode_over_transformers"]["engine"]
+        ratios["decode_best_engine_over_transformers"] = ratios["decode_best_over_transformers"]["engine"]
     return rows, ratios
 
 
@@ -331,12 +355,13 @@ def print_report(result: dict[str, Any]) -> None:
               f"{_fmt(r['decode_tok_s_best'], '11.1f')} {r['t_n_spread']:>9.2f}x")
     print("(decode/e2e/TTFT from median times; best decode from minimum times; spread = max/min of t_N)")
     print()
-    best = result["ratios"]["decode_best_engine_over_transformers"]
-    for b, ratio in result["ratios"]["decode_engine_over_transformers"].items():
-        ag = result["agreement"][b]
-        print(f"batch {b}: engine/transformers decode tok/s = {_fmt(ratio, '.2f')}x (best: {_fmt(best[b], '.2f')}x)"
-              f"   greedy outputs identical for {ag['identical']}/{ag['of']} prompts, "
-              f"mean common prefix {ag['mean_common_prefix']:.1f}/{ag['tokens']} tokens")
+    for system, per_batch in result["ratios"]["decode_over_transformers"].items():
+        best = result["ratios"]["decode_best_over_transformers"][system]
+        for b, ratio in per_batch.items():
+            ag = result["agreement"][system][b]
+            print(f"batch {b}: {system}/transformers decode tok/s = {_fmt(ratio, '.2f')}x "
+                  f"(best: {_fmt(best[b], '.2f')}x)   greedy outputs identical for {ag['identical']}/{ag['of']} "
+                  f"prompts, mean common prefix {ag['mean_common_prefix']:.1f}/{ag['tokens']} tokens")
     noisy = [f"{r['system']} B={r['batch']}" for r in result["results"] if r["t_n_spread"] > NOISY_SPREAD]
     if noisy:
         print(f"WARNING: noisy measurement (t_N varied more than {NOISY_SPREAD:.1f}x for {', '.join(noisy)}; "
@@ -377,17 +402,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     load_start = load_average()
-    hf_runner, engine_runner, prompts, source, model_dir = load_systems(args)
-    measured = run_benchmark([hf_runner, engine_runner], prompts, args)
-    rows, ratios = summarize(measured["raw"], args.batch_sizes, args.new_tokens)
+    hf_runner, engine_runners, prompts, source, model_dir = load_systems(args)
+    runners = [hf_runner, *engine_runners]
+    measured = run_benchmark(runners, prompts, args)
+    rows, ratios = summarize(measured["raw"], args.batch_sizes, args.new_tokens, [r.name for r in runners])
     result = {
         "machine": {**machine_info(args.dtype), "loadavg_start": load_start},
         "settings": {"model": args.model or "embedded SmolLM2-135M-Instruct", "model_dir": str(model_dir),
                      "dtype": args.dtype, "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
                      "repeats": args.repeats, "quick": args.quick, "prompt_source": source,
-                     "prompt_lengths": [len(p) for p in prompts], "systems_order": list(SYSTEMS)},
+                     "prompt_lengths": [len(p) for p in prompts], "engine_dtypes": args.engine_dtypes,
+                     "systems_order": [r.name for r in runners]},
         "raw": measured["raw"],
-        "engine_internal": engine_runner.extra,
+        "engine_internal": {r.name: r.extra for r in engine_runners},
         "results": rows,
         "ratios": ratios,
         "agreement": measured["agreement"],

@@ -92,3 +92,21 @@ def test_quick_defaults_and_explicit_flags(bench) -> None:
     assert args.new_tokens == 5
     args = bench.parse_args([])
     assert (args.new_tokens, args.repeats, args.batch_sizes, args.dtype) == (64, 3, [1, 8], "float32")
+
+
+def test_several_engine_dtypes_in_one_run(bench, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    rc = bench.main(["--quick", "--model", str(tiny_model_dir), "--batch-sizes", "1", "--engine-dtypes",
+                     "float32,bfloat16", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["systems_order"] == ["transformers", "engine", "engine-bfloat16"]
+    assert set(report["ratios"]["decode_over_transformers"]) == {"engine", "engine-bfloat16"}
+    assert set(report["agreement"]) == {"engine", "engine-bfloat16"}
+    ratios = report["ratios"]
+    assert ratios["decode_engine_over_transformers"] == ratios["decode_over_transformers"]["engine"]
+
+
+def test_unknown_engine_dtype(bench, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--engine-dtypes", "float32,int3"]) == 2
+    assert "'int3' is not one of" in capsys.readouterr().err
