@@ -29,6 +29,7 @@ class StepMeta:
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, None when plain causal/no mask works
     is_causal: bool  # use SDPA's causal mask (single prefill from position 0, no window)
     single_slot: int | None  # the slot when B == 1 (reads become views)
+    single_start: int | None  # its first new position when B == 1 (writes become slice copies)
     extras: dict[str, Any] = field(default_factory=dict)  # per-family step data (e.g. RoPE cos/sin)
 
     @property
@@ -79,7 +80,7 @@ class StepMeta:
             positions=positions.to(device), write_slots=write_slots.to(device),
             write_positions=write_positions.to(device), valid=None if all_valid else valid.to(device),
             kv_len=kv_len, mask=mask, is_causal=plain_causal and width > 1,
-            single_slot=slots[0] if batch == 1 else None,
+            single_slot=slots[0] if batch == 1 else None, single_start=starts[0] if batch == 1 else None,
         )
 
 
@@ -91,13 +92,16 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache
     """
     batch, heads, width, dim = q.shape
     kv_heads = k.shape[1]
-    k_tok = k.transpose(1, 2)  # [B, T, kv_heads, d]
-    v_tok = v.transpose(1, 2)
-    if meta.valid is None:
-        k_tok, v_tok = k_tok.reshape(-1, kv_heads, dim), v_tok.reshape(-1, kv_heads, dim)
+    if meta.single_slot is not None:  # one sequence: its new positions are one contiguous run
+        cache.write_run(layer, k[0], v[0], meta.single_slot, meta.single_start)
     else:
-        k_tok, v_tok = k_tok[meta.valid], v_tok[meta.valid]
-    cache.write(layer, k_tok, v_tok, meta.write_slots, meta.write_positions)
+        k_tok = k.transpose(1, 2)  # [B, T, kv_heads, d]
+        v_tok = v.transpose(1, 2)
+        if meta.valid is None:
+            k_tok, v_tok = k_tok.reshape(-1, kv_heads, dim), v_tok.reshape(-1, kv_heads, dim)
+        else:
+            k_tok, v_tok = k_tok[meta.valid], v_tok[meta.valid]
+        cache.write(layer, k_tok, v_tok, meta.write_slots, meta.write_positions)
     if meta.is_causal:
         keys, values = k, v  # prefill of one sequence from position 0: its own k/v are the whole context
     else:

@@ -87,6 +87,12 @@ class KVCache:
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v
 
+    def write_run(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: int, start: int) -> None:
+        """Store [kv_heads, T, head_dim] keys/values of one slot at positions start..start+T-1."""
+        stop = start + k.shape[1]
+        self.k[layer, slot, :, start:stop] = k
+        self.v[layer, slot, :, start:stop] = v
+
     def read(self, layer: int, slots: torch.Tensor | int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` positions: [B, kv_heads, length, head_dim].
 

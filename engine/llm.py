@@ -107,7 +107,7 @@ class LLM:
         self.stages: list[StageModel] = []
         for start, end in ranges:
             stage = StageModel(self.model_cfg, start=start, end=end, tp=tp, dtype=dtype, device=device)
-            stage.load(reader)
+            stage.load(reader, progress=True)
             self.stages.append(stage)
         self.num_slots = self.config.num_slots or self._slots_from_memory(device)
         if self.config.optimize_kernels:

@@ -64,11 +64,19 @@ class StageModel(nn.Module):
         stage.load(WeightReader(model_dir))
         return stage
 
-    def load(self, reader: WeightReader) -> None:
-        """Read this stage's tensors (its layer range, this rank's shards) from the checkpoint."""
-        for part in (self.embedding, *self.layers, self.head):
-            if part is not None:
-                part.load(reader)
+    def load(self, reader: WeightReader, *, progress: bool = False) -> None:
+        """Read this stage's tensors (its layer range, this rank's shards) from the checkpoint.
+
+        ``progress`` shows a bar on a terminal (tqdm stays quiet when stderr is not a TTY).
+        """
+        from tqdm import tqdm
+
+        parts = [p for p in (self.embedding, *self.layers, self.head) if p is not None]
+        desc = f"loading layers {self.start}-{self.end - 1}"
+        if self.tp.size > 1:
+            desc += f" (tp rank {self.tp.rank})"
+        for part in tqdm(parts, desc=desc, unit="part", disable=None if progress else True, leave=False):
+            part.load(reader)
 
     def optimize_kernels(self) -> None:
         """After ``load``: move weights to the fastest kernel's layout for this device and dtype."""

@@ -93,7 +93,7 @@ class Rotary(nn.Module):
 
     def prepare(self, meta: StepMeta, dtype: torch.dtype) -> None:
         freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, d]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, T, 1, d]: broadcast over heads
         meta.extras["rope"] = (emb.cos().to(dtype), emb.sin().to(dtype))
 
 
@@ -129,14 +129,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         batch, width, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, T, d]
-        k = k.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary:
-            cos, sin = meta.extras["rope"]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, cache=cache, layer=self.layer, meta=meta)
+        qkv = self.qkv(x).view(batch, width, -1, self.head_dim)  # [B, T, heads + 2 * kv_heads, d]
+        rotated = self.num_heads + self.num_kv_heads
+        qk = qkv[:, :, :rotated]
+        if self.rotary:  # q and k in one pass
+            qk = apply_rotary(qk, *meta.extras["rope"])
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        v = qkv[:, :, rotated:]
+        out = cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache=cache,
+                               layer=self.layer, meta=meta)
         return self.o_proj(out)
 
     def load(self, reader: WeightReader, prefix: str) -> None:
