@@ -13,7 +13,7 @@ from torch import nn
 from engine.attention import StepMeta, cached_attention
 from engine.config import ModelConfig, RopeConfig
 from engine.kv_cache import KVCache
-from engine.parallel import ShardedLinear, TPGroup, kv_head_range
+from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range
 from engine.weights import WeightReader
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -198,3 +198,12 @@ def load_vocab_table(table: nn.Module, reader: WeightReader, name: str) -> None:
     if stop > start:
         rows = read_rows(reader, name, start, stop, table.weight)
         load_into(table.weight[: stop - start], rows, name)
+
+
+def load_lm_head(head: ParallelLMHead, reader: WeightReader, *, embed_name: str, tied: bool) -> None:
+    """Load an LM head that does not share the embedding's table in this stage: from ``lm_head.weight``,
+    or from the embedding table when the weights are tied (or the checkpoint has no separate head)."""
+    if head.shared:
+        return
+    name = embed_name if tied or "lm_head.weight" not in reader else "lm_head.weight"
+    load_vocab_table(head.table, reader, name)

@@ -10,7 +10,7 @@ from torch import nn
 from engine.attention import StepMeta
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.models.common import Attention, GatedMLP, RMSNorm, Rotary, load_vocab_table
+from engine.models.common import Attention, GatedMLP, RMSNorm, Rotary, load_lm_head, load_vocab_table
 from engine.parallel import ParallelLMHead, TPGroup, VocabParallelEmbedding
 from engine.weights import WeightReader
 
@@ -64,9 +64,7 @@ class LlamaHead(nn.Module):
 
     def load(self, reader: WeightReader) -> None:
         self.norm.load(reader, "model.norm")
-        if not self.lm_head.shared:
-            name = "model.embed_tokens.weight" if self.tied or "lm_head.weight" not in reader else "lm_head.weight"
-            load_vocab_table(self.lm_head.table, reader, name)
+        load_lm_head(self.lm_head, reader, embed_name="model.embed_tokens.weight", tied=self.tied)
 
 
 class LlamaFamily:

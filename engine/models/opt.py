@@ -16,6 +16,7 @@ from engine.models.common import (
     Attention,
     LayerNorm,
     load_into,
+    load_lm_head,
     load_vocab_table,
     read_cols,
     read_full,
@@ -117,9 +118,7 @@ class OPTHead(nn.Module):
         if self.project_out is not None:
             name = f"{PREFIX}.project_out.weight"
             load_into(self.project_out, read_full(reader, name, self.project_out), name)
-        if not self.lm_head.shared:
-            name = f"{PREFIX}.embed_tokens.weight" if self.tied or "lm_head.weight" not in reader else "lm_head.weight"
-            load_vocab_table(self.lm_head.table, reader, name)
+        load_lm_head(self.lm_head, reader, embed_name=f"{PREFIX}.embed_tokens.weight", tied=self.tied)
 
 
 class OPTFamily:
