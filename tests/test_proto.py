@@ -12,8 +12,11 @@ def test_stubs_import_and_define_the_services() -> None:
         "Status",
         "Join",
         "Heartbeat",
+        "GetManifest",
+        "FetchWeights",
     }
-    assert set(node_pb2.DESCRIPTOR.services_by_name["Node"].methods_by_name) == {"LoadStage", "Forward"}
+    assert set(node_pb2.DESCRIPTOR.services_by_name["Node"].methods_by_name) == {"LoadStage"}
+    assert set(node_pb2.DESCRIPTOR.services_by_name["Stage"].methods_by_name) == {"Forward"}
     for cls in (
         coordinator_pb2_grpc.CoordinatorStub,
         coordinator_pb2_grpc.CoordinatorServicer,
@@ -68,11 +71,10 @@ def test_step_message_round_trips() -> None:
         epoch=common_pb2.PlacementEpoch(value=3),
         step_id=17,
         sequences=[
-            node_pb2.SequenceStep(request_id="a", slot=0, positions=[0, 1, 2], token_ids=[5, 6, 7]),
-            node_pb2.SequenceStep(request_id="b", slot=4, positions=[9], token_ids=[11]),
+            node_pb2.SequenceStep(request_id="a", slot=0, start=0, token_ids=[5, 6, 7], seed=42),
+            node_pb2.SequenceStep(request_id="b", slot=4, start=9, token_ids=[11]),
         ],
         hidden=common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[4, 2], data=bytes(32)),
-        release_slots=[1],
     )
     back = node_pb2.StepMessage.FromString(msg.SerializeToString())
     assert back == msg

@@ -95,14 +95,22 @@ class StageMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "layers", "members")
+    __slots__ = ("index", "layers", "members", "address", "weight_bytes", "kv_cache_bytes", "num_slots")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     layers: _common_pb2.LayerRange
     members: _containers.RepeatedCompositeFieldContainer[StageMember]
-    def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ...) -> None: ...
+    address: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    num_slots: int
+    def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ..., address: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting")
@@ -155,3 +163,53 @@ class HeartbeatResponse(_message.Message):
     epoch: _common_pb2.PlacementEpoch
     rejoin: bool
     def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., rejoin: _Optional[bool] = ...) -> None: ...
+
+class ManifestRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TensorEntry(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "nbytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ModelManifest(_message.Message):
+    __slots__ = ("name", "config_json", "tensors", "fingerprint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config_json: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
+    fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class FetchWeightsRequest(_message.Message):
+    __slots__ = ("node_id", "names")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("name", "offset", "data", "total")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    total: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,16 @@ class CoordinatorStub:
                 request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.GetManifest = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/GetManifest',
+                request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.ModelManifest.FromString,
+                _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/tensorfleet.v1.Coordinator/FetchWeights',
+                request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.FetchWeightsRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.WeightChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -89,6 +99,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetManifest(self, request, context):
+        """The model's manifest: its config and every tensor's name, dtype, shape, size and sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchWeights(self, request, context):
+        """Streams the raw bytes of the named tensors in checksummed chunks (a node without --model-dir
+        fetches exactly its stage's tensors and caches them by content hash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +136,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.ManifestRequest.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.ModelManifest.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.FetchWeightsRequest.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.WeightChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +257,60 @@ class Coordinator:
             '/tensorfleet.v1.Coordinator/Heartbeat',
             tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/GetManifest',
+            tensorfleet_dot_v1_dot_coordinator__pb2.ManifestRequest.SerializeToString,
+            tensorfleet_dot_v1_dot_coordinator__pb2.ModelManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/FetchWeights',
+            tensorfleet_dot_v1_dot_coordinator__pb2.FetchWeightsRequest.SerializeToString,
+            tensorfleet_dot_v1_dot_coordinator__pb2.WeightChunk.FromString,
             options,
             channel_credentials,
             insecure,

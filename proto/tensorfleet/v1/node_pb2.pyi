@@ -1,11 +1,21 @@
 from tensorfleet.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class WeightSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_SOURCE_UNSPECIFIED: _ClassVar[WeightSource]
+    WEIGHT_SOURCE_LOCAL_DIR: _ClassVar[WeightSource]
+    WEIGHT_SOURCE_COORDINATOR: _ClassVar[WeightSource]
+WEIGHT_SOURCE_UNSPECIFIED: WeightSource
+WEIGHT_SOURCE_LOCAL_DIR: WeightSource
+WEIGHT_SOURCE_COORDINATOR: WeightSource
 
 class TensorParallelGroup(_message.Message):
     __slots__ = ("store_address", "store_prefix", "world_size", "backend")
@@ -28,7 +38,7 @@ class LocalRank(_message.Message):
     def __init__(self, device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "max_slots", "max_seq_len", "next_stage_address")
+    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "num_slots", "max_seq_len", "next_stage_address", "weight_source")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -37,9 +47,10 @@ class LoadStageRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANKS_FIELD_NUMBER: _ClassVar[int]
-    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_STAGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     stage_index: int
@@ -48,50 +59,55 @@ class LoadStageRequest(_message.Message):
     dtype: _common_pb2.DType
     group: TensorParallelGroup
     local_ranks: _containers.RepeatedCompositeFieldContainer[LocalRank]
-    max_slots: int
+    num_slots: int
     max_seq_len: int
     next_stage_address: str
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., max_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ...) -> None: ...
+    weight_source: WeightSource
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., num_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ..., weight_source: _Optional[_Union[WeightSource, str]] = ...) -> None: ...
 
 class LoadStageResponse(_message.Message):
-    __slots__ = ("epoch", "weight_bytes", "kv_cache_bytes", "load_seconds")
+    __slots__ = ("epoch", "weight_bytes", "kv_cache_bytes", "load_seconds", "stage_address", "fetched_bytes")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     weight_bytes: int
     kv_cache_bytes: int
     load_seconds: float
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    stage_address: str
+    fetched_bytes: int
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., stage_address: _Optional[str] = ..., fetched_bytes: _Optional[int] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("request_id", "slot", "positions", "token_ids", "sampling")
+    __slots__ = ("request_id", "slot", "start", "token_ids", "sampling", "seed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
-    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     slot: int
-    positions: _containers.RepeatedScalarFieldContainer[int]
+    start: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class StepMessage(_message.Message):
-    __slots__ = ("epoch", "step_id", "sequences", "hidden", "release_slots")
+    __slots__ = ("epoch", "step_id", "sequences", "hidden")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     hidden: _common_pb2.Tensor
-    release_slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., release_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "slot", "token_id")
@@ -104,13 +120,13 @@ class SampledToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("epoch", "step_id", "tokens", "hidden")
+    __slots__ = ("epoch", "step_id", "tokens", "error")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     step_id: int
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
-    hidden: _common_pb2.Tensor
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    error: str
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...

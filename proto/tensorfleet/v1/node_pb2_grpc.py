@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class NodeStub:
-    """A worker: the coordinator has it load a pipeline stage, and activations flow through Forward
-    streams (coordinator -> stage 0 -> stage 1 -> ... -> last stage).
+    """A worker's control service, served by the node daemon: the coordinator has it load a pipeline stage.
     """
 
     def __init__(self, channel):
@@ -41,27 +40,15 @@ class NodeStub:
                 request_serializer=tensorfleet_dot_v1_dot_node__pb2.LoadStageRequest.SerializeToString,
                 response_deserializer=tensorfleet_dot_v1_dot_node__pb2.LoadStageResponse.FromString,
                 _registered_method=True)
-        self.Forward = channel.stream_stream(
-                '/tensorfleet.v1.Node/Forward',
-                request_serializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.SerializeToString,
-                response_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.FromString,
-                _registered_method=True)
 
 
 class NodeServicer:
-    """A worker: the coordinator has it load a pipeline stage, and activations flow through Forward
-    streams (coordinator -> stage 0 -> stage 1 -> ... -> last stage).
+    """A worker's control service, served by the node daemon: the coordinator has it load a pipeline stage.
     """
 
     def LoadStage(self, request, context):
-        """Loads (or reuses) the weights of one stage under an epoch and forms its tensor-parallel group.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Forward(self, request_iterator, context):
-        """The data plane: one persistent stream; each StepMessage gets one StepResult, in order.
+        """Starts the executors of one stage (one process per device), loads (or reuses) its weights under
+        an epoch and forms its tensor-parallel group; answers once the stage serves Forward.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,11 +62,6 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=tensorfleet_dot_v1_dot_node__pb2.LoadStageRequest.FromString,
                     response_serializer=tensorfleet_dot_v1_dot_node__pb2.LoadStageResponse.SerializeToString,
             ),
-            'Forward': grpc.stream_stream_rpc_method_handler(
-                    servicer.Forward,
-                    request_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.FromString,
-                    response_serializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tensorfleet.v1.Node', rpc_method_handlers)
@@ -89,8 +71,7 @@ def add_NodeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Node:
-    """A worker: the coordinator has it load a pipeline stage, and activations flow through Forward
-    streams (coordinator -> stage 0 -> stage 1 -> ... -> last stage).
+    """A worker's control service, served by the node daemon: the coordinator has it load a pipeline stage.
     """
 
     @staticmethod
@@ -120,6 +101,60 @@ class Node:
             metadata,
             _registered_method=True)
 
+
+class StageStub:
+    """The data plane, served by the leader executor of each stage (tensor-parallel rank 0), so that steps
+    go straight into the process that computes them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Forward = channel.stream_stream(
+                '/tensorfleet.v1.Stage/Forward',
+                request_serializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.FromString,
+                _registered_method=True)
+
+
+class StageServicer:
+    """The data plane, served by the leader executor of each stage (tensor-parallel rank 0), so that steps
+    go straight into the process that computes them.
+    """
+
+    def Forward(self, request_iterator, context):
+        """One persistent stream per upstream peer (coordinator -> stage 0 -> stage 1 -> ... -> last stage).
+        Each StepMessage gets one StepResult, in order; the last stage's sampled tokens travel back up the
+        chain of streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Forward': grpc.stream_stream_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tensorfleet.v1.Stage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tensorfleet.v1.Stage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Stage:
+    """The data plane, served by the leader executor of each stage (tensor-parallel rank 0), so that steps
+    go straight into the process that computes them.
+    """
+
     @staticmethod
     def Forward(request_iterator,
             target,
@@ -134,7 +169,7 @@ class Node:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/tensorfleet.v1.Node/Forward',
+            '/tensorfleet.v1.Stage/Forward',
             tensorfleet_dot_v1_dot_node__pb2.StepMessage.SerializeToString,
             tensorfleet_dot_v1_dot_node__pb2.StepResult.FromString,
             options,
