@@ -1,21 +1,18 @@
 """The ``coordinator`` command (also ``tensorfleet-coordinator``): run the head of a cluster.
 
-Not implemented yet in this version. The arguments are parsed and validated so that the interface can
-be reviewed; ``coordinator start`` then says so and exits with status 2. Nothing heavy is imported
-here: the coordinator's modules load only once the command runs.
+``coordinator start`` loads the model's manifest (config, tensor index, tokenizer; default the embedded
+model), serves the Coordinator gRPC service, waits for ``--min-nodes`` nodes that can hold the model,
+places it, and serves requests until interrupted. Nothing heavy is imported until the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from client import DEFAULT_COORDINATOR_PORT
-
-NOT_IMPLEMENTED = (
-    "tensorfleet: the cluster (coordinator start / node join) is not implemented yet in this version; "
-    "use `tensorfleet-generate` for single-process generation"
-)
 
 
 def _port(text: str) -> int:
@@ -35,44 +32,27 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coordinator",
-        description=(
-            "Run the head of a tensorfleet cluster. NOT IMPLEMENTED YET in this version: the cluster "
-            "(coordinator start / node join) arrives later; `coordinator start` exits with status 2. "
-            "Use `tensorfleet-generate` for single-process generation."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="coordinator", description="Run the head of a tensorfleet cluster.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    start = sub.add_parser(
-        "start",
-        help="serve a model over the nodes that join (not implemented yet)",
-        description=(
-            "Serve one model over the nodes that join: place its layers by capacity, schedule requests, "
-            "and recover from node failures. Not implemented yet in this version."
-        ),
-    )
-    start.add_argument(
-        "--model",
-        default=None,
-        help="model directory or GGUF file (default: the embedded SmolLM2 model)",
-    )
-    start.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: %(default)s; use 0.0.0.0 to accept nodes and clients "
-        "from other machines)",
-    )
-    start.add_argument(
-        "--port", type=_port, default=DEFAULT_COORDINATOR_PORT, help="gRPC port (default: %(default)s)"
-    )
-    start.add_argument(
-        "--min-nodes",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="wait for N nodes before placing the model (default: %(default)s)",
-    )
+    start = sub.add_parser("start", help="serve a model over the nodes that join",
+                           description="Serve one model over the nodes that join: place its layers by capacity "
+                                       "and schedule requests through the pipeline.")
+    start.add_argument("--model", default=None,
+                       help="model directory or GGUF file (default: the embedded SmolLM2 model)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s; use 0.0.0.0 to accept nodes and clients "
+                            "from other machines)")
+    start.add_argument("--port", type=_port, default=DEFAULT_COORDINATOR_PORT, help="gRPC port (default: %(default)s)")
+    start.add_argument("--min-nodes", type=_positive_int, default=1, metavar="N",
+                       help="wait for N nodes before placing the model (default: %(default)s)")
+    start.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="serving dtype (default: %(default)s)")
+    start.add_argument("--slots", type=_positive_int, default=8,
+                       help="KV cache slots (concurrent sequences) per stage (default: %(default)s)")
+    start.add_argument("--max-seq-len", type=_positive_int, default=2048,
+                       help="longest sequence (prompt + generated) (default: %(default)s)")
+    start.add_argument("--heartbeat-ms", type=_positive_int, default=500,
+                       help="heartbeat interval in ms (default: %(default)s)")
     return parser
 
 
@@ -82,8 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    print(NOT_IMPLEMENTED, file=sys.stderr)
-    return 2
+    from engine.errors import TensorfleetError
+
+    try:
+        from coordinator.server import CoordinatorConfig, serve
+
+        config = CoordinatorConfig(model=args.model, host=args.host, port=args.port, min_nodes=args.min_nodes,
+                                   dtype=args.dtype, num_slots=args.slots, max_seq_len=args.max_seq_len,
+                                   heartbeat_interval_ms=args.heartbeat_ms,
+                                   heartbeat_timeout_ms=4 * args.heartbeat_ms)
+        server, coordinator = serve(config)
+    except TensorfleetError as e:
+        print(f"coordinator: error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    coordinator.scheduler.stop()
+    server.stop(grace=2)
+    return 0
 
 
 if __name__ == "__main__":

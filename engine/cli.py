@@ -123,9 +123,9 @@ def _generate(args: argparse.Namespace, config, params, *, tp=None) -> int:  # n
     prompts = args.prompts or [DEMO_PROMPT]
     for prompt in prompts:
         print(f"\n>>> {prompt}")
-        printer = _StreamPrinter(llm, holdback=max((len(x) for x in args.stop), default=0))
+        printer = _StreamPrinter(llm, tuple(args.stop))
         out = llm.generate([prompt], params, chat=not args.raw, on_token=printer)[0]
-        printer.finish(out.text)
+        printer.finish()
         print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}]", file=sys.stderr)
     stats = llm.stats
     if stats.decode_seconds > 0:
@@ -135,28 +135,20 @@ def _generate(args: argparse.Namespace, config, params, *, tp=None) -> int:  # n
 
 
 class _StreamPrinter:
-    """Prints the text as tokens arrive (decoding the whole output each time keeps multi-byte
-    characters and merged tokens right)."""
+    """Prints text deltas as tokens arrive (never half a character, never part of a stop string)."""
 
-    def __init__(self, llm, holdback: int = 0) -> None:  # noqa: ANN001
-        # With stop strings, hold back a possible partial stop string until the output is final.
-        self.llm, self.tokens, self.shown, self.holdback = llm, [], 0, holdback
+    def __init__(self, llm, stop: tuple[str, ...]) -> None:  # noqa: ANN001
+        from engine.detokenize import IncrementalDetokenizer
+
+        self.detok = IncrementalDetokenizer(llm.tokenizer, stop)
 
     def __call__(self, _request: int, token: int) -> None:
-        self.tokens.append(token)
-        text = self.llm.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return  # an incomplete UTF-8 sequence: wait for the next token
-        end = len(text) - self.holdback
-        if end > self.shown:
-            sys.stdout.write(text[self.shown:end])
+        if self.detok.final_text is None:
+            sys.stdout.write(self.detok.push(token)[0])
             sys.stdout.flush()
-            self.shown = end
 
-    def finish(self, final: str) -> None:
-        if len(final) > self.shown:
-            sys.stdout.write(final[self.shown:])
-        sys.stdout.write("\n")
+    def finish(self) -> None:
+        sys.stdout.write(self.detok.finish() + "\n")
         sys.stdout.flush()
 
 

@@ -1,22 +1,18 @@
 """The ``node`` command (also ``tensorfleet-node``): run a worker that joins a coordinator.
 
-Not implemented yet in this version. The arguments are parsed and validated so that the interface can
-be reviewed; ``node join`` then says so and exits with status 2. Nothing heavy is imported here: the
-daemon's modules load only once the command runs.
+``node join HOST:PORT`` reports this machine's devices (GPUs through pynvml and torch, CPU cores and
+memory) with a short capacity probe, heartbeats, and loads the pipeline stage the coordinator gives it
+(one executor process per device). Nothing heavy is imported until the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
-NOT_IMPLEMENTED = (
-    "tensorfleet: the cluster (coordinator start / node join) is not implemented yet in this version; "
-    "use `tensorfleet-generate` for single-process generation"
-)
-
-_DEVICE = re.compile(r"cpu|cuda:\d+")
+_DEVICE = re.compile(r"cpu(:\d+)?|cuda(:\d+)?")
 
 
 def parse_address(text: str) -> str:
@@ -32,7 +28,7 @@ def parse_address(text: str) -> str:
 
 
 def parse_devices(text: str) -> list[str]:
-    """'all', or a comma-separated list of 'cpu' and 'cuda:N'."""
+    """'all', or a comma-separated list of 'cpu', 'cpu:N' (N CPU executors) and 'cuda:N'."""
     if text == "all":
         return ["all"]
     devices = [d.strip() for d in text.split(",")]
@@ -40,7 +36,7 @@ def parse_devices(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(
             f"--devices {text!r}: {', '.join(map(repr, bad))} not understood; "
-            "give 'all' or a comma-separated list of 'cpu' and 'cuda:N' (e.g. cuda:0,cuda:1)"
+            "give 'all' or a comma-separated list of 'cpu', 'cpu:N' and 'cuda:N' (e.g. cuda:0,cuda:1)"
         )
     if len(set(devices)) != len(devices):
         raise argparse.ArgumentTypeError(f"--devices {text!r} names a device twice")
@@ -54,54 +50,25 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="node",
-        description=(
-            "Run a tensorfleet worker on this machine. NOT IMPLEMENTED YET in this version: the cluster "
-            "(coordinator start / node join) arrives later; `node join` exits with status 2. Use "
-            "`tensorfleet-generate` for single-process generation."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="node", description="Run a tensorfleet worker on this machine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    join = sub.add_parser(
-        "join",
-        help="join a coordinator and serve the stages it places here (not implemented yet)",
-        description=(
-            "Join the coordinator at HOST:PORT, report this machine's devices, and serve the pipeline "
-            "stages the coordinator places here. Not implemented yet in this version."
-        ),
-    )
-    join.add_argument(
-        "coordinator", type=parse_address, metavar="HOST:PORT", help="the coordinator's address"
-    )
-    join.add_argument(
-        "--devices",
-        type=parse_devices,
-        default=["all"],
-        metavar="LIST",
-        help="devices to give to the cluster: 'all' (default) or e.g. 'cuda:0,cuda:1' or 'cpu'",
-    )
-    join.add_argument(
-        "--name", default=None, help="this node's name in status output (default: the host name)"
-    )
-    join.add_argument(
-        "--port",
-        type=_port,
-        default=0,
-        help="port of this node's data-plane server (default: 0, any free port)",
-    )
-    join.add_argument(
-        "--cache-dir",
-        default=None,
-        metavar="DIR",
-        help="where received weights are cached by content hash (default: ~/.cache/tensorfleet)",
-    )
-    join.add_argument(
-        "--model-dir",
-        default=None,
-        metavar="DIR",
-        help="a local directory with the model's files, used instead of streaming them from the coordinator",
-    )
+    join = sub.add_parser("join", help="join a coordinator and serve the stage it assigns",
+                          description="Join the coordinator at HOST:PORT and serve the pipeline stage it assigns.")
+    join.add_argument("coordinator", type=parse_address, metavar="HOST:PORT", help="the coordinator's address")
+    join.add_argument("--devices", type=parse_devices, default=None,
+                      help="devices to serve with: 'all' (default: every GPU, else the CPU), or e.g. "
+                           "'cuda:0,cuda:1', 'cpu', 'cpu:2' (two CPU executors forming a tensor-parallel group)")
+    join.add_argument("--name", default="", help="a display name (default: the host name)")
+    join.add_argument("--host", default="127.0.0.1",
+                      help="the address the coordinator and other nodes reach this node at (default: %(default)s)")
+    join.add_argument("--port", type=_port, default=0, help="control port (default: 0, any free port)")
+    join.add_argument("--cache-dir", default=None, metavar="DIR",
+                      help="where received weights are cached by content hash (default: ~/.cache/tensorfleet)")
+    join.add_argument("--model-dir", default=None, metavar="DIR",
+                      help="a local directory with the model's files, used instead of streaming them from the "
+                           "coordinator")
+    join.add_argument("--no-probe", action="store_true",
+                      help="skip the capacity probe and report conservative estimates (quick local tests)")
     return parser
 
 
@@ -111,8 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    print(NOT_IMPLEMENTED, file=sys.stderr)
-    return 2
+    from engine.errors import TensorfleetError
+    from node.daemon import NodeConfig, NodeDaemon
+
+    devices = None if args.devices in (None, ["all"]) else ",".join(args.devices)
+    config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
+                        port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
+                        probe=not args.no_probe)
+    try:
+        daemon = NodeDaemon(config)
+        signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())
+        daemon.start()
+    except (TensorfleetError, ValueError) as e:
+        print(f"node: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        daemon.wait()
+    except KeyboardInterrupt:
+        daemon.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,250 @@
+"""One executor process per device: it loads its share of a stage and computes batch steps.
+
+Rank 0 of a stage's tensor-parallel group is the leader: it serves Stage.Forward, hands each step to
+its peers by broadcast on the stage's process group, and forwards the resulting hidden states to the
+next stage (or samples, on the last stage). Peers loop on the broadcast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.parallel import TPGroup
+from engine.sampling import sample
+from engine.stage import StageModel, parse_dtype
+from node.wire import WireError, sampling_from_proto, tensor_from_proto, tensor_to_proto
+from tensorfleet.v1 import node_pb2, node_pb2_grpc
+
+OP_STEP, OP_STOP = 1, 2
+KIND_IDS, KIND_HIDDEN = 1, 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorSpec:
+    rank: int
+    world: int
+    device: str  # "cpu" or "cuda:N"
+    threads: int  # torch threads for a CPU executor (0: torch's default)
+    store_host: str
+    store_port: int
+    store_prefix: str
+    backend: str  # "gloo" | "nccl"
+    hf_config: dict
+    start: int
+    end: int
+    dtype: str
+    num_slots: int
+    max_seq_len: int
+    epoch: int
+    next_stage_address: str
+    listen_host: str
+    model_dir: str | None = None  # weights from a local Hugging Face directory...
+    cache_dir: str | None = None  # ...or from the node's content-addressed cache
+    manifest_path: str | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+class StageRunner:
+    """A loaded stage plus its KV cache: runs one step on this rank (leader and peers alike)."""
+
+    def __init__(self, spec: ExecutorSpec, tp: TPGroup) -> None:
+        cfg = ModelConfig.from_hf(spec.hf_config)
+        self.cfg, self.spec, self.tp = cfg, spec, tp
+        self.stage = StageModel(cfg, start=spec.start, end=spec.end, tp=tp, dtype=parse_dtype(spec.dtype),
+                                device=spec.device)
+        self.stage.load(_weight_reader(spec))
+        self.stage.optimize_kernels()
+        self.cache: KVCache = self.stage.new_cache(num_slots=spec.num_slots, max_seq_len=spec.max_seq_len)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.stage.parameters())
+
+    def run(self, slots: list[int], starts: list[int], lengths: list[int], x: torch.Tensor) -> torch.Tensor:
+        meta = self.stage.make_meta(slots, starts, lengths)
+        return self.stage(x.to(self.stage.device), meta, self.cache)
+
+
+def _weight_reader(spec: ExecutorSpec):  # noqa: ANN202 - WeightReader or CachedWeightReader
+    if spec.model_dir:
+        from engine.weights import WeightReader
+
+        return WeightReader(spec.model_dir)
+    from pathlib import Path
+
+    from node.weight_cache import CachedWeightReader, TensorCache
+    from tensorfleet.v1 import coordinator_pb2
+
+    manifest = coordinator_pb2.ModelManifest.FromString(Path(spec.manifest_path).read_bytes())
+    return CachedWeightReader(manifest, TensorCache(Path(spec.cache_dir)), [t.name for t in manifest.tensors])
+
+
+# ------------------------------------------------------------------------------- broadcast protocol
+class StepBroadcast:
+    """Leader → peers: a header, the per-row metadata and the payload, as tensors (no pickle)."""
+
+    def __init__(self, tp: TPGroup, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+        self.tp, self.device, self.hidden_size, self.dtype = tp, device, hidden_size, dtype
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(t, src=0, group=self.tp.group)
+        return t
+
+    def send(self, op: int, slots=(), starts=(), lengths=(), x: torch.Tensor | None = None) -> None:  # noqa: ANN001
+        batch = len(slots)
+        width = int(x.shape[1]) if x is not None else 0
+        kind = KIND_IDS if x is not None and x.dtype == torch.long else KIND_HIDDEN
+        self._bcast(torch.tensor([op, batch, width, kind], dtype=torch.long, device=self.device))
+        if op != OP_STEP:
+            return
+        self._bcast(torch.tensor([*slots, *starts, *lengths], dtype=torch.long, device=self.device))
+        self._bcast(x.to(self.device).contiguous())
+
+    def receive(self) -> tuple[int, list[int], list[int], list[int], torch.Tensor | None]:
+        op, batch, width, kind = self._bcast(torch.empty(4, dtype=torch.long, device=self.device)).tolist()
+        if op != OP_STEP:
+            return op, [], [], [], None
+        meta = self._bcast(torch.empty(3 * batch, dtype=torch.long, device=self.device)).tolist()
+        shape = (batch, width) if kind == KIND_IDS else (batch, width, self.hidden_size)
+        x = self._bcast(torch.empty(shape, dtype=torch.long if kind == KIND_IDS else self.dtype, device=self.device))
+        return op, meta[:batch], meta[batch:2 * batch], meta[2 * batch:], x
+
+
+# ------------------------------------------------------------------------------------- the leader
+class StageServicer(node_pb2_grpc.StageServicer):
+    def __init__(self, runner: StageRunner, broadcast: StepBroadcast | None, spec: ExecutorSpec) -> None:
+        self.runner, self.broadcast, self.spec = runner, broadcast, spec
+        self.is_last = runner.stage.is_last
+        self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
+        self.downstream = None
+        self.lock = threading.Lock()  # one step at a time on this stage's model and cache
+
+    def Forward(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - gRPC API
+        for msg in request_iterator:
+            yield self.handle(msg)
+
+    def handle(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
+        result = node_pb2.StepResult(epoch=msg.epoch, step_id=msg.step_id)
+        if msg.epoch.value != self.spec.epoch:
+            result.error = f"stage serves epoch {self.spec.epoch}, got a step of epoch {msg.epoch.value}"
+            return result
+        try:
+            with self.lock:
+                return self._step(msg, result)
+        except (WireError, ValueError) as e:
+            result.error = f"stage {self.spec.start}-{self.spec.end - 1}: {e}"
+            return result
+
+    def _step(self, msg: node_pb2.StepMessage, result: node_pb2.StepResult) -> node_pb2.StepResult:
+        seqs = msg.sequences
+        if not seqs:
+            raise ValueError("a step without sequences")
+        slots = [s.slot for s in seqs]
+        starts = [s.start for s in seqs]
+        lengths = [len(s.token_ids) for s in seqs]
+        if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
+            raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
+        if self.runner.stage.is_first:
+            width = max(lengths)
+            x = torch.tensor([list(s.token_ids) + [s.token_ids[-1]] * (width - len(s.token_ids)) for s in seqs],
+                             dtype=torch.long)
+        else:
+            x = tensor_from_proto(msg.hidden)
+            if tuple(x.shape[:2]) != (len(seqs), max(lengths)) or x.shape[2] != self.runner.cfg.hidden_size:
+                raise ValueError(f"hidden states of shape {tuple(x.shape)} do not fit a step of {lengths}")
+        if self.broadcast is not None:
+            self.broadcast.send(OP_STEP, slots, starts, lengths, x)
+        out = self.runner.run(slots, starts, lengths, x)
+        if not self.is_last:
+            down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs,
+                                        hidden=tensor_to_proto(out))
+            return self._downstream().call(down)
+        tokens = self._sample(seqs, out)
+        result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
+                             for s, t in zip(seqs, tokens, strict=True))
+        return result
+
+    def _sample(self, seqs, logits: torch.Tensor) -> list[int]:  # noqa: ANN001
+        params = [sampling_from_proto(s.sampling) for s in seqs]
+        for s in seqs:
+            hist = self.history.setdefault(s.slot, [])
+            if s.start == 0:
+                hist.clear()
+            hist.extend(s.token_ids)
+        need_history = any(p.repetition_penalty != 1.0 for p in params)
+        return sample(logits, params, [s.seed for s in seqs], [s.start + len(s.token_ids) for s in seqs],
+                      [self.history[s.slot] for s in seqs] if need_history else None).tolist()
+
+    def _downstream(self):  # noqa: ANN202
+        if self.downstream is None:
+            from node.stream import StageStream
+
+            self.downstream = StageStream(self.spec.next_stage_address)
+        return self.downstream
+
+
+# ------------------------------------------------------------------------------------ process main
+def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multiprocessing queue
+    """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text)."""
+    try:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        tp = _join_group(spec)
+        started = time.perf_counter()
+        runner = StageRunner(spec, tp)
+        info = {"weight_bytes": runner.weight_bytes, "kv_cache_bytes": runner.cache.spec.nbytes,
+                "load_seconds": time.perf_counter() - started}
+        broadcast = None
+        if tp.size > 1:
+            comm = torch.device(spec.device) if spec.backend == "nccl" else torch.device("cpu")
+            broadcast = StepBroadcast(tp, comm, runner.cfg.hidden_size, runner.stage.dtype)
+        if spec.rank != 0:
+            events.put(("ready", spec.rank, info))
+            _peer_loop(runner, broadcast)
+            return
+        server, address = _serve(StageServicer(runner, broadcast, spec), spec.listen_host)
+        events.put(("ready", spec.rank, {**info, "address": address}))
+        server.wait_for_termination()
+    except BaseException:  # noqa: BLE001 - reported to the daemon, which answers LoadStage with it
+        events.put(("error", spec.rank, traceback.format_exc()))
+        raise
+
+
+def _join_group(spec: ExecutorSpec) -> TPGroup:
+    if spec.world == 1:
+        return TPGroup.single()
+    store = dist.TCPStore(spec.store_host, spec.store_port, spec.world, is_master=spec.rank == 0,
+                          timeout=timedelta(seconds=120))
+    dist.init_process_group(spec.backend, store=dist.PrefixStore(spec.store_prefix, store), rank=spec.rank,
+                            world_size=spec.world, timeout=timedelta(seconds=600))
+    if spec.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(spec.device))
+    return TPGroup.from_group()
+
+
+def _peer_loop(runner: StageRunner, broadcast: StepBroadcast) -> None:
+    while True:
+        op, slots, starts, lengths, x = broadcast.receive()
+        if op == OP_STOP:
+            return
+        runner.run(slots, starts, lengths, x)
+
+
+def _serve(servicer: StageServicer, host: str):  # noqa: ANN202
+    import grpc
+
+    from node.stream import CHANNEL_OPTIONS
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+    node_pb2_grpc.add_StageServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{host}:0")
+    server.start()
+    return server, f"{host}:{port}"
+

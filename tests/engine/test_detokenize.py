@@ -1,0 +1,50 @@
+"""Incremental detokenization: deltas concatenate to the text, stop strings never leak, even split
+across tokens, and incomplete characters wait for their next token."""
+
+from __future__ import annotations
+
+from engine.detokenize import IncrementalDetokenizer
+
+
+class FakeTokenizer:
+    def __init__(self, pieces: dict[int, bytes]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True) -> str:  # noqa: ANN001
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"\xc3", 6: b"\xa9", 7: b" EN", 8: b"D!", 9: b"."}
+
+
+def run(tokens: list[int], stop=()) -> tuple[list[str], bool, str]:  # noqa: ANN001
+    d = IncrementalDetokenizer(FakeTokenizer(PIECES), stop)
+    deltas, stopped = [], False
+    for t in tokens:
+        delta, stopped = d.push(t)
+        deltas.append(delta)
+        if stopped:
+            break
+    deltas.append(d.finish())
+    return deltas, stopped, d.text
+
+
+def test_deltas_concatenate_to_the_text() -> None:
+    deltas, stopped, text = run([1, 2, 3, 4])
+    assert "".join(deltas) == "Hello world" == text and not stopped
+
+
+def test_incomplete_utf8_waits_for_the_next_token() -> None:
+    deltas, _, text = run([1, 5, 6])
+    assert deltas[1] == "" and "".join(deltas) == "Hel\u00e9" == text
+
+
+def test_stop_string_split_across_tokens_never_shows() -> None:
+    deltas, stopped, text = run([1, 2, 7, 8, 3], stop=("END",))
+    assert stopped and text == "Hello " and "".join(deltas) == "Hello "
+    assert all("E" not in d for d in deltas)
+
+
+def test_holdback_is_released_at_the_end() -> None:
+    deltas, stopped, text = run([1, 2, 9], stop=("END",))
+    assert not stopped and "".join(deltas) == "Hello." == text
