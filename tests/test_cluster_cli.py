@@ -1,5 +1,5 @@
-"""`node` and `coordinator`: arguments are parsed and validated, then the commands say plainly that
-the cluster is not implemented yet and exit with status 2; importing them is light."""
+"""`node` and `coordinator`: arguments are parsed and validated, bad input is one line and exit status 2,
+and importing the CLIs is light."""
 
 from __future__ import annotations
 
@@ -14,46 +14,12 @@ from coordinator import cli as coordinator_cli
 from node import cli as node_cli
 
 REPO = Path(__file__).resolve().parents[1]
-MESSAGE = (
-    "tensorfleet: the cluster (coordinator start / node join) is not implemented yet in this version; "
-    "use `tensorfleet-generate` for single-process generation"
-)
 
 
-@pytest.mark.parametrize(
-    ("main", "argv"),
-    [
-        (node_cli.main, ["join", "127.0.0.1:50051"]),
-        (
-            node_cli.main,
-            [
-                "join",
-                "[::1]:7000",
-                "--devices",
-                "cuda:0,cuda:1",
-                "--name",
-                "n1",
-                "--port",
-                "0",
-                "--cache-dir",
-                "/tmp/c",
-                "--model-dir",
-                "/tmp/m",
-            ],
-        ),
-        (node_cli.main, ["join", "head:50051", "--devices", "cpu"]),
-        (coordinator_cli.main, ["start"]),
-        (
-            coordinator_cli.main,
-            ["start", "--model", "/models/x.gguf", "--host", "0.0.0.0", "--port", "6000", "--min-nodes", "3"],
-        ),
-    ],
-)
-def test_commands_print_one_line_and_exit_2(
-    main, argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv) == 2
-    assert capsys.readouterr().err == MESSAGE + "\n"
+def test_coordinator_with_a_missing_model_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert coordinator_cli.main(["start", "--model", "/nonexistent/model", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -73,7 +39,7 @@ def test_bad_arguments_are_usage_errors(main, argv, complaint, capsys: pytest.Ca
         main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert complaint in err and MESSAGE not in err
+    assert complaint in err
 
 
 @pytest.mark.parametrize(
@@ -85,11 +51,12 @@ def test_bad_arguments_are_usage_errors(main, argv, complaint, capsys: pytest.Ca
         (coordinator_cli.main, ["start", "--help"]),
     ],
 )
-def test_help_says_not_implemented(main, argv, capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_describes_the_commands(main, argv, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
-    assert "not implemented yet" in " ".join(capsys.readouterr().out.split()).lower()
+    out = " ".join(capsys.readouterr().out.split()).lower()
+    assert "not implemented" not in out and ("join" in out or "start" in out or "coordinator" in out)
 
 
 def test_cli_modules_import_nothing_heavy() -> None:

@@ -1,0 +1,117 @@
+"""Start a coordinator and nodes as real processes on this machine (loopback), through the public CLIs.
+
+Used by `make run`, the cluster tests and the benchmarks. Each process's output goes to a log file in
+``workdir``; ``stop()`` terminates them all (also on errors while starting).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    devices: str = "cpu"
+    name: str = ""
+    model_dir: str | None = None  # None: fetch weights from the coordinator
+    cache_dir: str | None = None
+    taskset: str | None = None  # pin the node to CPUs, e.g. "0" or "1"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, workdir: str | Path, *, model: str | None = None, nodes: list[NodeSpec],
+                 coordinator_args: list[str] | None = None, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model, self.node_specs = model, nodes
+        self.coordinator_args = coordinator_args or []
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, args: list[str], *, taskset: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-u", *args]
+        if taskset:
+            cmd = ["taskset", "-c", taskset, *cmd]
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=Path(__file__).resolve().parents[1])
+        self.procs[name] = proc
+        return proc
+
+    def start(self, *, timeout_s: float = 300.0) -> LocalCluster:
+        try:
+            args = ["-m", "coordinator.cli", "start", "--port", str(self.port),
+                    "--min-nodes", str(len(self.node_specs)), *self.coordinator_args]
+            if self.model:
+                args += ["--model", self.model]
+            self._spawn("coordinator", args)
+            for i, spec in enumerate(self.node_specs):
+                self.start_node(spec, f"node{i}")
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, spec: NodeSpec, name: str) -> subprocess.Popen:
+        args = ["-m", "node.cli", "join", self.address, "--devices", spec.devices, "--no-probe",
+                "--name", spec.name or name]
+        if spec.model_dir:
+            args += ["--model-dir", spec.model_dir]
+        if spec.cache_dir:
+            args += ["--cache-dir", spec.cache_dir]
+        return self._spawn(name, args, taskset=spec.taskset, env=spec.env)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the coordinator reports a complete placement (or a process dies, or time runs out)."""
+        from client.api import ClientError, TensorfleetClient
+
+        deadline = time.monotonic() + timeout_s
+        with TensorfleetClient(self.address, timeout=5) as client:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+                try:
+                    if client.status().stages:
+                        return
+                except ClientError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"no placement within {timeout_s:.0f}s:\n{self.log('coordinator')[-3000:]}")
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
