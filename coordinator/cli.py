@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wait for N nodes before placing the model (default: %(default)s)")
     start.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="serving dtype (default: %(default)s)")
+    start.add_argument("--stages", type=_positive_int, default=None,
+                       help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
     start.add_argument("--slots", type=_positive_int, default=8,
                        help="KV cache slots (concurrent sequences) per stage (default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=2048,
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.server import CoordinatorConfig, serve
 
         config = CoordinatorConfig(model=args.model, host=args.host, port=args.port, min_nodes=args.min_nodes,
-                                   dtype=args.dtype, num_slots=args.slots, max_seq_len=args.max_seq_len,
+                                   dtype=args.dtype, num_slots=args.slots, num_stages=args.stages,
+                                   max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=4 * args.heartbeat_ms)
         server, coordinator = serve(config)

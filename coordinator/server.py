@@ -36,6 +36,7 @@ class CoordinatorConfig:
     min_nodes: int = 1
     dtype: str = "float32"
     num_slots: int = 8
+    num_stages: int | None = None  # None: the planner's choice
     max_seq_len: int = 2048
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000
@@ -112,6 +113,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             yield from self.weights.chunks(list(request.names))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TensorfleetError as e:  # a model file changed or shrank under the coordinator
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     # -------------------------------------------------------------------------------------- status
     def Status(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -194,7 +197,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                    for m in members for d in m.info.devices]
         profile = profile_from_config(self.hf_config, dtype_bytes=dtype.itemsize,
                                       kv_reserve_tokens=self.config.num_slots * self.config.max_seq_len)
-        plan = plan_placement(devices, profile)
+        plan = plan_placement(devices, profile, num_stages=self.config.num_stages)
         epoch = self.epoch + 1
         by_id = {m.node_id: m for m in members}
         infos, next_address = [], ""

@@ -63,9 +63,9 @@ class StageRunner:
         self.stage = StageModel(cfg, start=spec.start, end=spec.end, tp=tp, dtype=parse_dtype(spec.dtype),
                                 device=spec.device)
         self.stage.load(_weight_reader(spec))
-        self.stage.optimize_kernels()
-        self.cache: KVCache = self.stage.new_cache(num_slots=spec.num_slots, max_seq_len=spec.max_seq_len)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.stage.parameters())
+        self.stage.optimize_kernels()  # after counting: prepacked weights are no longer parameters
+        self.cache: KVCache = self.stage.new_cache(num_slots=spec.num_slots, max_seq_len=spec.max_seq_len)
 
     def run(self, slots: list[int], starts: list[int], lengths: list[int], x: torch.Tensor) -> torch.Tensor:
         meta = self.stage.make_meta(slots, starts, lengths)
