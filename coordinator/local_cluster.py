@@ -92,6 +92,9 @@ class LocalCluster:
                         return
                 except ClientError:
                     pass
+                failed = [line for line in self.log("coordinator").splitlines() if "failed to load" in line]
+                if failed:
+                    raise RuntimeError(f"a stage failed to load: {failed[-1]}")
                 time.sleep(0.5)
         raise TimeoutError(f"no placement within {timeout_s:.0f}s:\n{self.log('coordinator')[-3000:]}")
 

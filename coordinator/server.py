@@ -69,10 +69,12 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
         self.manifest = build_manifest(self.model_dir, name=source.name)
         self.weights = WeightServer(self.model_dir, self.manifest)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self.tokenizer = None
+        if any((self.model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         eos = self.hf_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.scheduler = Scheduler(eos_ids=self.eos_ids)
         self.lock = threading.RLock()
@@ -155,6 +157,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def _new_request(self, request: coordinator_pb2.GenerateRequest) -> Request:
         params = sampling_from_proto(request.sampling)
         if request.WhichOneof("prompt") == "text":
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send token ids")
             ids = list(self.tokenizer.apply_chat_template([{"role": "user", "content": request.text}],
                                                           add_generation_prompt=True, tokenize=True,
                                                           return_dict=False)

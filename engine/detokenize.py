@@ -19,10 +19,15 @@ class IncrementalDetokenizer:
         self.shown = 0  # characters released so far
         self.final_text: str | None = None
 
+    def _decode(self) -> str:
+        if self.tokenizer is None:  # a model without a tokenizer: token ids only
+            return ""
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (new text to show, whether a stop string has now appeared)."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self._decode()
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.final_text = text[:cut]
@@ -33,15 +38,12 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """The rest of the text once generation ended (what the stop-string hold-back kept)."""
-        text = self.final_text if self.final_text is not None else self.tokenizer.decode(
-            self.tokens, skip_special_tokens=True)
+        text = self.final_text if self.final_text is not None else self._decode()
         return self._release(text, len(text))
 
     @property
     def text(self) -> str:
-        if self.final_text is not None:
-            return self.final_text
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self.final_text if self.final_text is not None else self._decode()
 
     def _release(self, text: str, end: int) -> str:
         if end <= self.shown:

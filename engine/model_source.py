@@ -72,11 +72,20 @@ def resolve_model(
             raise ModelLoadError(f"{path} holds several GGUF files ({names}): pass one of them")
     if path.is_dir():
         check_hf_dir(path)
-        return ModelSource(path=path, name=path.resolve().name, origin="hf-dir")
+        return ModelSource(path=path, name=_display_name(path), origin="hf-dir")
     if path.suffix.lower() == ".gguf":
         converted = _convert_cached(path, _cache_root(cache_dir), progress=progress)
         return ModelSource(path=converted, name=path.stem, origin="gguf")
     raise ModelLoadError(f"{path} is not a model tensorfleet can load: {_ACCEPTED}")
+
+
+def _display_name(model_dir: Path) -> str:
+    """A converted GGUF's directory is named by hash: show the file it came from instead."""
+    try:
+        source = json.loads((model_dir / SOURCE_FILE).read_text(encoding="utf-8"))["source"]
+        return Path(source).stem
+    except (OSError, ValueError, KeyError, TypeError):
+        return model_dir.resolve().name
 
 
 def load_hf_config(model_dir: str | Path) -> dict[str, Any]:

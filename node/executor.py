@@ -83,7 +83,7 @@ def _weight_reader(spec: ExecutorSpec):  # noqa: ANN202 - WeightReader or Cached
     from tensorfleet.v1 import coordinator_pb2
 
     manifest = coordinator_pb2.ModelManifest.FromString(Path(spec.manifest_path).read_bytes())
-    return CachedWeightReader(manifest, TensorCache(Path(spec.cache_dir)), [t.name for t in manifest.tensors])
+    return CachedWeightReader(manifest, TensorCache(Path(spec.cache_dir)))  # every tensor the cache holds
 
 
 # ------------------------------------------------------------------------------- broadcast protocol

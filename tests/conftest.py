@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason=reason)
     for item in gpu_items:
         item.add_marker(skip)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_model_cache() -> Path:
+    """Where converted test models live: kept across runs (gitignored) so only the first run converts."""
+    env = os.environ.get("TENSORFLEET_TEST_CACHE")
+    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face directory (fp32 safetensors)."""
+    from engine.model_source import resolve_model
+
+    return resolve_model(None, cache_dir=shared_model_cache(), progress=False).path

@@ -172,7 +172,7 @@ def test_not_a_tensor_message_is_a_type_error() -> None:
 def test_importing_client_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import client, client.tensors, client.cli\n"
+        "import client, client.tensors, client.api, client.display, client.cli\n"
         "heavy = sorted(m for m in ('torch', 'engine', 'transformers') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -72,6 +72,31 @@ def test_streaming_delivers_tokens_incrementally(cluster: LocalCluster, referenc
     assert [t for d in deltas for t in d.token_ids] == reference[1]
 
 
-def test_rejoined_node_reuses_its_cache(cluster: LocalCluster, tmp_path: Path) -> None:
-    log = cluster.log("node1")
-    assert "MiB fetched" in log and " 0.0 MiB fetched" not in log.split("MiB fetched")[0][-12:]
+def test_nodes_that_fetched_weights_reuse_their_cache_when_they_join_again(
+        cluster: LocalCluster, embedded_model_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    assert "0.0 MiB fetched" not in cluster.log("node1")  # the first join downloaded its stage
+    again = LocalCluster(tmp_path, model=str(embedded_model_dir), nodes=cluster.node_specs,
+                         coordinator_args=["--stages", "3", "--slots", "8", "--max-seq-len", "512"])
+    with again:
+        for name in ("node1", "node2"):
+            assert " 0.0 MiB fetched" in again.log(name), again.log(name)
+        with TensorfleetClient(again.address) as client:
+            assert client.generate(PROMPTS[0], max_tokens=4).completion_tokens == 4
+
+
+def test_two_cpu_executors_form_a_tensor_parallel_stage(tmp_path: Path) -> None:
+    """A 4-head random-init Llama: a node with cpu:2 serves a tp=2 stage; token ids in, token ids out."""
+    from tests.engine.reference import make_random_model
+    from tests.engine.test_fidelity import random_prompts
+
+    model = make_random_model("llama-gqa-tied", tmp_path / "m")
+    prompts = random_prompts(320, [5, 17, 30])
+    llm = LLM(EngineConfig(model=str(model), num_slots=4, max_seq_len=256), load_tokenizer=False)
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))]
+    nodes = [NodeSpec(devices="cpu", model_dir=str(model)), NodeSpec(devices="cpu:2", cache_dir=str(tmp_path / "c"))]
+    with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
+                      coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "256"]) as c:
+        with TensorfleetClient(c.address) as client:
+            assert sorted(len(s.members) for s in client.status().stages) == [1, 2]
+            got = [client.generate(p, max_tokens=16, ignore_eos=True).token_ids for p in prompts]
+    assert got == want
