@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	touch $@
 
 run: setup
-	$(VENV_PY) -m engine.cli
+	$(VENV_PY) scripts/local_cluster.py
 
 test: setup
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
