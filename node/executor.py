@@ -7,6 +7,7 @@ next stage (or samples, on the last stage). Peers loop on the broadcast.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import traceback
@@ -125,10 +126,23 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
         self.downstream = None
         self.lock = threading.Lock()  # one step at a time on this stage's model and cache
+        self.work: queue.Queue = queue.Queue()
 
     def Forward(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - gRPC API
         for msg in request_iterator:
-            yield self.handle(msg)
+            done: futures.Future = futures.Future()
+            self.work.put((msg, done))
+            yield done.result()
+
+    def compute_forever(self) -> None:
+        """Run steps on the calling thread: the process's main thread, whose OpenMP/oneDNN thread pool
+        loaded the model (the same steps on a gRPC worker thread took 41 ms instead of 35)."""
+        while True:
+            msg, done = self.work.get()
+            try:
+                done.set_result(self.handle(msg))
+            except BaseException as e:  # noqa: BLE001 - the stream's handler re-raises it
+                done.set_exception(e)
 
     def handle(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
         result = node_pb2.StepResult(epoch=msg.epoch, step_id=msg.step_id)
@@ -209,9 +223,10 @@ def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multi
             events.put(("ready", spec.rank, info))
             _peer_loop(runner, broadcast)
             return
-        server, address = _serve(StageServicer(runner, broadcast, spec), spec.listen_host)
+        servicer = StageServicer(runner, broadcast, spec)
+        _server, address = _serve(servicer, spec.listen_host)
         events.put(("ready", spec.rank, {**info, "address": address}))
-        server.wait_for_termination()
+        servicer.compute_forever()
     except BaseException:  # noqa: BLE001 - reported to the daemon, which answers LoadStage with it
         events.put(("error", spec.rank, traceback.format_exc()))
         raise
