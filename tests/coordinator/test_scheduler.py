@@ -1,0 +1,121 @@
+"""The scheduler against a fake pipeline: slots, batching, finish reasons, cancellation, failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from coordinator.scheduler import Event, Request, Scheduler
+from engine.detokenize import IncrementalDetokenizer
+from engine.sampling import SamplingParams
+from tensorfleet.v1 import node_pb2
+
+EOS = 3
+
+
+class FakePipeline:
+    """Token = 10 + position, except EOS at position ``eos_at`` (when set); records every step."""
+
+    def __init__(self, eos_at: int | None = None, fail: bool = False) -> None:
+        self.eos_at, self.fail, self.steps = eos_at, fail, []
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
+        with self.lock:
+            self.steps.append([(s.slot, s.start, list(s.token_ids)) for s in msg.sequences])
+        if self.fail:
+            return node_pb2.StepResult(step_id=msg.step_id, error="stage 1 is gone")
+        result = node_pb2.StepResult(step_id=msg.step_id)
+        for s in msg.sequences:
+            pos = s.start + len(s.token_ids)
+            result.tokens.add(request_id=s.request_id, slot=s.slot, token_id=EOS if pos == self.eos_at else 10 + pos)
+        return result
+
+
+def request(rid: str, prompt_len: int = 4, **params) -> Request:  # noqa: ANN003
+    return Request(request_id=rid, prompt=list(range(100, 100 + prompt_len)), params=SamplingParams(**params),
+                   seed=1, detok=IncrementalDetokenizer(None))
+
+
+def collect(req: Request, timeout: float = 10.0) -> list[Event]:
+    events = []
+    while not events or events[-1].finish_reason is None:
+        events.append(req.events.get(timeout=timeout))
+    return events
+
+
+@pytest.fixture
+def scheduler():  # noqa: ANN201
+    s = Scheduler(eos_ids={EOS})
+    yield s
+    s.stop()
+
+
+def test_requests_finish_by_length_and_free_their_slots(scheduler: Scheduler) -> None:
+    pipe = FakePipeline()
+    scheduler.set_pipeline(pipe, epoch=1, num_slots=2)
+    reqs = [request(f"r{i}", prompt_len=3 + i, max_tokens=5) for i in range(5)]  # more requests than slots
+    for r in reqs:
+        scheduler.submit(r)
+    for r in reqs:
+        events = collect(r)
+        tokens = [t for e in events for t in e.token_ids]
+        assert events[-1].finish_reason == "length"
+        assert tokens == [10 + len(r.prompt) + i for i in range(5)]
+    assert sorted(scheduler.free_slots) == [0, 1] and scheduler.counts() == (0, 0)
+    assert max(len(step) for step in pipe.steps) == 2  # never more sequences than slots
+    assert [(start, len(ids)) for _, start, ids in pipe.steps[0]] == [(0, 3), (0, 4)]  # one prefill batch
+
+
+def test_decode_steps_send_one_token_per_sequence(scheduler: Scheduler) -> None:
+    pipe = FakePipeline()
+    scheduler.set_pipeline(pipe, epoch=1, num_slots=1)
+    r = request("a", prompt_len=4, max_tokens=3)
+    scheduler.submit(r)
+    collect(r)
+    assert pipe.steps[0] == [(0, 0, [100, 101, 102, 103])]
+    assert pipe.steps[1] == [(0, 4, [14])] and pipe.steps[2] == [(0, 5, [15])]
+
+
+def test_eos_stops_unless_ignored(scheduler: Scheduler) -> None:
+    scheduler.set_pipeline(FakePipeline(eos_at=6), epoch=1, num_slots=2)
+    stop, ignore = request("s", prompt_len=4, max_tokens=8), request("i", prompt_len=4, max_tokens=8, ignore_eos=True)
+    scheduler.submit(stop)
+    scheduler.submit(ignore)
+    assert collect(stop)[-1].finish_reason == "stop"
+    events = collect(ignore)
+    assert events[-1].finish_reason == "length" and EOS in [t for e in events for t in e.token_ids]
+
+
+def test_cancel_frees_the_slot(scheduler: Scheduler) -> None:
+    scheduler.set_pipeline(FakePipeline(), epoch=1, num_slots=1)
+    r = request("c", max_tokens=10_000)
+    scheduler.submit(r)
+    r.events.get(timeout=10)
+    scheduler.cancel(r)
+    assert collect(r)[-1].finish_reason == "cancelled"
+    waiting = request("w", max_tokens=2)
+    scheduler.submit(waiting)
+    assert collect(waiting)[-1].finish_reason == "length"  # it got the freed slot
+
+
+def test_a_failed_step_reaches_every_request_of_it(scheduler: Scheduler) -> None:
+    scheduler.set_pipeline(FakePipeline(fail=True), epoch=1, num_slots=2)
+    reqs = [request("x"), request("y")]
+    for r in reqs:
+        scheduler.submit(r)
+    for r in reqs:
+        ev = r.events.get(timeout=10)
+        assert ev.error == "stage 1 is gone"
+    assert sorted(scheduler.free_slots) == [0, 1]
+
+
+def test_queue_bound() -> None:
+    s = Scheduler(eos_ids=set(), max_queue=1)
+    try:
+        s.submit(request("a"))
+        with pytest.raises(OverflowError, match="queue is full"):
+            s.submit(request("b"))
+    finally:
+        s.stop()
