@@ -1,0 +1,33 @@
+"""A local cluster on one GPU (skipped without CUDA): two nodes, each an executor on cuda:0, serving a
+random-init Llama in bf16 as two pipeline stages; greedy output equals the single-process engine on the
+same GPU and dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.api import TensorfleetClient
+from coordinator.local_cluster import LocalCluster, NodeSpec
+from engine.llm import LLM, EngineConfig
+from engine.sampling import SamplingParams
+from tests.engine.reference import make_random_model
+from tests.engine.test_fidelity import random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+def test_two_stages_on_one_gpu_match_the_engine(tmp_path: Path) -> None:
+    model = make_random_model("llama3-rope", tmp_path / "m")
+    prompts = random_prompts(300, [6, 25, 40])
+    llm = LLM(EngineConfig(model=str(model), device="cuda", dtype="bfloat16", num_slots=4, max_seq_len=256),
+              load_tokenizer=False)
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
+    nodes = [NodeSpec(devices="cuda:0", model_dir=str(model)), NodeSpec(devices="cuda:0", cache_dir=str(tmp_path / "c"))]
+    args = ["--stages", "2", "--slots", "4", "--max-seq-len", "256", "--dtype", "bfloat16"]
+    with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes, coordinator_args=args) as cluster:
+        with TensorfleetClient(cluster.address) as client:
+            assert len(client.status().stages) == 2
+            got = [client.generate(p, max_tokens=24, ignore_eos=True).token_ids for p in prompts]
+    assert got == want
