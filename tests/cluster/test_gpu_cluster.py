@@ -24,7 +24,8 @@ def test_two_stages_on_one_gpu_match_the_engine(tmp_path: Path) -> None:
     llm = LLM(EngineConfig(model=str(model), device="cuda", dtype="bfloat16", num_slots=4, max_seq_len=256),
               load_tokenizer=False)
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
-    nodes = [NodeSpec(devices="cuda:0", model_dir=str(model)), NodeSpec(devices="cuda:0", cache_dir=str(tmp_path / "c"))]
+    nodes = [NodeSpec(devices="cuda:0", model_dir=str(model)),
+             NodeSpec(devices="cuda:0", cache_dir=str(tmp_path / "c"))]
     args = ["--stages", "2", "--slots", "4", "--max-seq-len", "256", "--dtype", "bfloat16"]
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes, coordinator_args=args) as cluster:
         with TensorfleetClient(cluster.address) as client:
