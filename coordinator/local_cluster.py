@@ -48,8 +48,11 @@ class LocalCluster:
         if taskset:
             cmd = ["taskset", "-c", taskset, *cmd]
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                cwd=Path(__file__).resolve().parents[1])
+        repo = Path(__file__).resolve().parents[1]
+        # A checkout that is not pip-installed still runs: the packages and the generated stubs by path.
+        path = os.pathsep.join(p for p in (str(repo), str(repo / "proto"), os.environ.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo,
+                                env={**os.environ, "PYTHONPATH": path, **(env or {})})
         self.procs[name] = proc
         return proc
 
