@@ -23,7 +23,9 @@ def test_two_stages_on_one_gpu_match_the_engine(tmp_path: Path) -> None:
     prompts = random_prompts(300, [6, 25, 40])
     llm = LLM(EngineConfig(model=str(model), device="cuda", dtype="bfloat16", num_slots=4, max_seq_len=256),
               load_tokenizer=False)
-    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
+    # One prompt at a time on both sides: bf16 GPU kernels are not batch-invariant, so a batch of 3 can
+    # round differently from 3 batches of 1 and greedy decoding may then part at a near-tie.
+    want = [llm.generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
     nodes = [NodeSpec(devices="cuda:0", model_dir=str(model)),
              NodeSpec(devices="cuda:0", cache_dir=str(tmp_path / "c"))]
     args = ["--stages", "2", "--slots", "4", "--max-seq-len", "256", "--dtype", "bfloat16"]
