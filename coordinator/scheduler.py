@@ -79,10 +79,12 @@ class Scheduler:
             self.cv.notify_all()
 
     def cancel(self, req: Request) -> None:
+        """Cancel a request: a waiting one ends now, a running one at the next step (its slot is freed)."""
         with self.cv:
             req.cancelled = True
             if req in self.waiting:
                 self.waiting.remove(req)
+                req.events.put(Event([], "", "cancelled"))  # its handler is waiting on the queue
             self.cv.notify_all()
 
     def counts(self) -> tuple[int, int]:

@@ -119,3 +119,15 @@ def test_queue_bound() -> None:
             s.submit(request("b"))
     finally:
         s.stop()
+
+
+def test_cancelling_a_waiting_request_ends_it_at_once() -> None:
+    s = Scheduler(eos_ids=set())  # no pipeline yet: requests wait
+    try:
+        r = request("w")
+        s.submit(r)
+        s.cancel(r)
+        assert r.events.get(timeout=5).finish_reason == "cancelled"
+        assert s.counts() == (0, 0)
+    finally:
+        s.stop()
