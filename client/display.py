@@ -83,7 +83,7 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
 def _device(d: common_pb2.DeviceInfo) -> str:
     kind = _enum_name(common_pb2.DeviceKind, d.kind, "DEVICE_KIND_")
     memory = f"{d.free_memory_bytes / _GIB:.1f}/{d.total_memory_bytes / _GIB:.1f} GiB"
-    return f"{kind}:{d.index} {d.name} {memory}" if d.name else f"{kind}:{d.index} {memory}"
+    return f"{kind}:{d.ordinal} {d.name} {memory}" if d.name else f"{kind}:{d.ordinal} {memory}"
 
 
 def _layers(r: common_pb2.LayerRange) -> str:

@@ -116,16 +116,18 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
 
     def _node_info(self) -> common_pb2.NodeInfo:
         from node.inventory import host_memory
-        from node.probe import estimate, probe
+        from node.probe import estimate
 
+        results = [estimate(dev) for dev in self.devices]
+        if self.config.probe:
+            results = _probe_devices(self.devices)
         infos = []
-        for i, dev in enumerate(self.devices):
-            result = probe(dev) if self.config.probe else estimate(dev)
+        for i, (dev, result) in enumerate(zip(self.devices, results, strict=True)):
             log(f"device {i}: {dev.kind}:{dev.index} {dev.name}, {dev.free_memory_bytes / 2**30:.1f} GiB free, "
                 f"{result.matmul_flops / 1e9:.0f} GFLOP/s, {result.memory_bandwidth / 1e9:.1f} GB/s")
             infos.append(common_pb2.DeviceInfo(
                 kind=common_pb2.DEVICE_KIND_CUDA if dev.kind == "cuda" else common_pb2.DEVICE_KIND_CPU,
-                index=i, name=dev.name, total_memory_bytes=dev.total_memory_bytes,
+                index=i, ordinal=dev.index, name=dev.name, total_memory_bytes=dev.total_memory_bytes,
                 free_memory_bytes=dev.free_memory_bytes, matmul_flops=result.matmul_flops,
                 memory_bandwidth_bytes_per_s=result.memory_bandwidth))
         return common_pb2.NodeInfo(name=self.name, address=self.address, devices=infos, version="0.1.0",
@@ -237,3 +239,14 @@ def _dtype_name(code: int) -> str:
 
 def _default_cache() -> str:
     return os.environ.get("TENSORFLEET_CACHE") or str(Path("~/.cache/tensorfleet").expanduser())
+
+
+def _probe_devices(devices: list) -> list:  # noqa: ANN001 - node.inventory.Device, node.probe.ProbeResult
+    """Probe every device; GPUs in a short-lived child process, so that the daemon holds no CUDA context
+    (hundreds of MiB per GPU for as long as it lives)."""
+    from node.probe import probe
+
+    if all(d.kind == "cpu" for d in devices):
+        return [probe(d) for d in devices]
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(probe, devices))

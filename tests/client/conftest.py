@@ -42,7 +42,7 @@ def canned_status() -> coordinator_pb2.StatusResponse:
         address="10.0.0.1:7001",
         devices=[
             common_pb2.DeviceInfo(
-                kind=common_pb2.DEVICE_KIND_CUDA, index=i, name=h100, total_memory_bytes=80 * GIB,
+                kind=common_pb2.DEVICE_KIND_CUDA, index=i, ordinal=i, name=h100, total_memory_bytes=80 * GIB,
                 free_memory_bytes=60 * GIB,
             )
             for i in range(2)

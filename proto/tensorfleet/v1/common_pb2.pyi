@@ -90,7 +90,7 @@ class PlacementEpoch(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("kind", "index", "name", "total_memory_bytes", "free_memory_bytes", "matmul_flops", "memory_bandwidth_bytes_per_s")
+    __slots__ = ("kind", "index", "name", "total_memory_bytes", "free_memory_bytes", "matmul_flops", "memory_bandwidth_bytes_per_s", "ordinal")
     KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class DeviceInfo(_message.Message):
     FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MATMUL_FLOPS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
     kind: DeviceKind
     index: int
     name: str
@@ -105,7 +106,8 @@ class DeviceInfo(_message.Message):
     free_memory_bytes: int
     matmul_flops: float
     memory_bandwidth_bytes_per_s: float
-    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., matmul_flops: _Optional[float] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ...) -> None: ...
+    ordinal: int
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., matmul_flops: _Optional[float] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., ordinal: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("name", "address", "devices", "version", "host_memory_bytes")
