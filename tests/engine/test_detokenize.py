@@ -48,3 +48,30 @@ def test_stop_string_split_across_tokens_never_shows() -> None:
 def test_holdback_is_released_at_the_end() -> None:
     deltas, stopped, text = run([1, 2, 9], stop=("END",))
     assert not stopped and "".join(deltas) == "Hello." == text
+
+
+def test_windowed_decoding_equals_a_full_decode_on_the_real_tokenizer(embedded_model_dir) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    text = ("Tokenizers merge pieces:  double  spaces, naïve café, emoji 🙂🙂, code `x = f(y)`\n\tand "
+            "CJK 東京, numbers 1234567, and a long tail of ordinary words to cross many windows.")
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok)
+    shown = "".join(d.push(t)[0] for t in ids) + d.finish()
+    assert shown == tok.decode(ids, skip_special_tokens=True) == d.text
+
+
+def test_stop_string_found_across_windows(embedded_model_dir) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    ids = tok.encode("one two three four five six seven eight nine ten eleven twelve")
+    d = IncrementalDetokenizer(tok, stop=("ten el",))
+    shown, stopped = "", False
+    for t in ids:
+        delta, stopped = d.push(t)
+        shown += delta
+        if stopped:
+            break
+    assert stopped and shown + d.finish() == "one two three four five six seven eight nine "
