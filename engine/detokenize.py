@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 # Tokens decoded again before the new ones: enough context for merges and leading-space rules.
 CONTEXT_TOKENS = 6
 
