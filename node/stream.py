@@ -1,12 +1,16 @@
-"""A persistent Stage.Forward stream to one downstream stage: send a step, read its result, in order.
+"""A persistent Stage.Forward stream to one downstream stage.
 
-Used by a stage leader to reach the next stage, and by the coordinator to reach stage 0.
+Steps may be in flight several at a time (pipeline micro-batches): ``submit`` returns a future, results
+come back in the order the steps were sent, and a receiver thread resolves the futures. Used by a stage
+leader to reach the next stage, and by the coordinator to reach stage 0.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future
 
 import grpc
 
@@ -20,27 +24,55 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 _CLOSE = object()
 
 
+class StreamClosed(RuntimeError):
+    """The stream ended (the stage went away or the stream was closed) with steps still in flight."""
+
+
 class StageStream:
     def __init__(self, address: str, *, timeout_s: float = 600.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = node_pb2_grpc.StageStub(self._channel)
         self._requests: queue.Queue = queue.Queue()
-        self._responses = self._stub.Forward(iter(self._next_request, _CLOSE))
+        self._responses = node_pb2_grpc.StageStub(self._channel).Forward(iter(self._requests.get, _CLOSE))
+        self._pending: deque[tuple[int, Future]] = deque()
         self._lock = threading.Lock()
+        self._closed: Exception | None = None
+        threading.Thread(target=self._receive, name=f"stream-{address}", daemon=True).start()
 
-    def _next_request(self):  # noqa: ANN202 - a StepMessage or the end marker
-        return self._requests.get()
+    def submit(self, msg: node_pb2.StepMessage) -> Future:
+        """Send one step; the future resolves to its StepResult (or StreamClosed)."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closed is not None:
+                fut.set_exception(StreamClosed(f"stream to {self.address} is closed: {self._closed}"))
+                return fut
+            self._pending.append((msg.step_id, fut))
+            self._requests.put(msg)
+        return fut
 
     def call(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
-        """Send one step and wait for its result (one step in flight per stream)."""
+        """Send one step and wait for its result."""
+        return self.submit(msg).result(timeout=self.timeout_s)
+
+    def _receive(self) -> None:
+        error: Exception = StreamClosed(f"the stage at {self.address} ended the stream")
+        try:
+            for result in self._responses:
+                with self._lock:
+                    step_id, fut = self._pending.popleft()
+                if result.step_id != step_id:
+                    fut.set_exception(RuntimeError(f"stage at {self.address} answered step {result.step_id} "
+                                                   f"to step {step_id}"))
+                else:
+                    fut.set_result(result)
+        except grpc.RpcError as e:
+            error = StreamClosed(f"the stream to {self.address} failed: {e.code().name}: {e.details()}")
         with self._lock:
-            self._requests.put(msg)
-            result = next(self._responses)
-        if result.step_id != msg.step_id:
-            raise RuntimeError(f"stage at {self.address} answered step {result.step_id} to step {msg.step_id}")
-        return result
+            self._closed = error
+            pending, self._pending = list(self._pending), deque()
+        for _, fut in pending:
+            fut.set_exception(error)
 
     def close(self) -> None:
         self._requests.put(_CLOSE)
