@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serving dtype (default: %(default)s)")
     start.add_argument("--stages", type=_positive_int, default=None,
                        help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
+    start.add_argument("--micro-batches", type=_positive_int, default=None,
+                       help="steps in flight through the pipeline (default: one per stage)")
     start.add_argument("--slots", type=_positive_int, default=8,
                        help="KV cache slots (concurrent sequences) per stage (default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=2048,
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = CoordinatorConfig(model=args.model, host=args.host, port=args.port, min_nodes=args.min_nodes,
                                    dtype=args.dtype, num_slots=args.slots, num_stages=args.stages,
+                                   micro_batches=args.micro_batches,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=4 * args.heartbeat_ms)

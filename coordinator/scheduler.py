@@ -1,9 +1,10 @@
 """The scheduler: admits requests to KV slots and drives batch steps through the pipeline.
 
-Each iteration prefills the newly admitted requests together, or else decodes one token for every
-running request; a finished or cancelled request frees its slot at once. (Continuous batching with
-several micro-batches in flight arrives with the batching issue; the step interface is already the
-one it needs.)
+Up to ``micro_batches`` steps are in flight at once (one per pipeline stage keeps every stage busy):
+the running requests are split into groups, each group's next step leaves as soon as its previous one
+returns, and a request is never in two steps at once (its next input is the token the previous step
+sampled). Newly admitted requests are prefilled together in a step of their own; a finished or
+cancelled request frees its slot at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.detokenize import IncrementalDetokenizer
@@ -42,6 +44,7 @@ class Request:
     slot: int = -1
     cached: int = 0
     cancelled: bool = False
+    in_flight: bool = False
 
     @property
     def tokens(self) -> list[int]:
@@ -55,8 +58,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cv = threading.Condition()
-        self.step_fn: Callable[[node_pb2.StepMessage], node_pb2.StepResult] | None = None
+        self.submit_fn: Callable[[node_pb2.StepMessage], Future] | None = None
         self.epoch = 0
+        self.micro_batches = 1
+        self.steps_in_flight = 0
         self.free_slots: list[int] = []
         self.step_ids = itertools.count(1)
         self.stopped = False
@@ -64,10 +69,13 @@ class Scheduler:
         self.thread.start()
 
     # ------------------------------------------------------------------------------ control surface
-    def set_pipeline(self, step_fn: Callable[[node_pb2.StepMessage], node_pb2.StepResult], *, epoch: int,
-                     num_slots: int) -> None:
+    def set_pipeline(self, submit_fn: Callable[[node_pb2.StepMessage], Future], *, epoch: int, num_slots: int,
+                     micro_batches: int = 1) -> None:
+        """``submit_fn`` sends a step and returns the future of its StepResult."""
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be >= 1")
         with self.cv:
-            self.step_fn, self.epoch = step_fn, epoch
+            self.submit_fn, self.epoch, self.micro_batches = submit_fn, epoch, micro_batches
             self.free_slots = list(range(num_slots - 1, -1, -1))
             self.cv.notify_all()
 
@@ -100,19 +108,31 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.stopped or (self.step_fn is not None and (self.waiting or self.running)))
+                self.cv.wait_for(lambda: self.stopped or self._ready_batch(peek=True) is not None)
                 if self.stopped:
                     return
-                self._drop_cancelled()
-                admitted = self._admit()
-                batch = admitted or list(self.running)
-                step_fn, epoch = self.step_fn, self.epoch
-            if batch:
-                self._run_step(batch, step_fn, epoch)
+                batch = self._ready_batch()
+                for req in batch:
+                    req.in_flight = True
+                self.steps_in_flight += 1
+                submit_fn, epoch = self.submit_fn, self.epoch
+            self._send(batch, submit_fn, epoch)
 
-    def _drop_cancelled(self) -> None:
-        for req in [r for r in self.running if r.cancelled]:
+    def _ready_batch(self, *, peek: bool = False) -> list[Request] | None:
+        """The next step to send, or None: newcomers to prefill first, else a group of idle running
+        requests (about 1/micro_batches of them, so the groups stay balanced). Called with the lock held;
+        ``peek`` only says whether there is one."""
+        if self.submit_fn is None or self.steps_in_flight >= self.micro_batches:
+            return None
+        for req in [r for r in self.running if r.cancelled and not r.in_flight]:
             self._finish(req, "cancelled")
+        if self.waiting and self.free_slots:
+            return [] if peek else self._admit()
+        idle = [r for r in self.running if not r.in_flight]
+        if not idle:
+            return None
+        group = -(-len(self.running) // self.micro_batches)  # ceil
+        return idle[:group]
 
     def _admit(self) -> list[Request]:
         admitted = []
@@ -123,25 +143,37 @@ class Scheduler:
             admitted.append(req)
         return admitted
 
-    def _run_step(self, batch: list[Request], step_fn, epoch: int) -> None:  # noqa: ANN001
+    def _send(self, batch: list[Request], submit_fn, epoch: int) -> None:  # noqa: ANN001
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
         for req in batch:
             msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
                               token_ids=req.tokens[req.cached:], sampling=sampling_to_proto(req.params), seed=req.seed)
         try:
-            result = step_fn(msg)
-            if result.error:
-                raise RuntimeError(result.error)
+            future = submit_fn(msg)
+        except Exception as e:  # noqa: BLE001 - reported like a failed step
+            future = Future()
+            future.set_exception(e)
+        future.add_done_callback(lambda f: self._on_result(batch, msg.step_id, f))
+
+    def _on_result(self, batch: list[Request], step_id: int, future: Future) -> None:
+        try:
+            result = future.result()
+            error = result.error or None
         except Exception as e:  # noqa: BLE001 - every request of the step learns why it failed
-            print(f"[coordinator] step {msg.step_id} failed: {e}", file=sys.stderr, flush=True)
-            with self.cv:
-                for req in batch:
-                    req.events.put(Event([], "", "error", error=str(e)))
-                    self._release(req)
-            return
+            result, error = None, str(e) or type(e).__name__
         with self.cv:
-            for req, tok in zip(batch, result.tokens, strict=True):
-                self._accept(req, tok.token_id)
+            self.steps_in_flight -= 1
+            for req in batch:
+                req.in_flight = False
+            if error is not None:
+                print(f"[coordinator] step {step_id} failed: {error}", file=sys.stderr, flush=True)
+                for req in batch:
+                    req.events.put(Event([], "", "error", error=error))
+                    self._release(req)
+            else:
+                for req, tok in zip(batch, result.tokens, strict=True):
+                    self._accept(req, tok.token_id)
+            self.cv.notify_all()
 
     def _accept(self, req: Request, token: int) -> None:
         req.cached = len(req.tokens)

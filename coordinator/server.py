@@ -37,6 +37,7 @@ class CoordinatorConfig:
     dtype: str = "float32"
     num_slots: int = 8
     num_stages: int | None = None  # None: the planner's choice
+    micro_batches: int | None = None  # steps in flight; None: one per stage
     max_seq_len: int = 2048
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000
@@ -230,7 +231,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         stream = StageStream(next_address)
         with self.lock:
             self.epoch, self.stages, self.stream = epoch, list(reversed(infos)), stream
-        self.scheduler.set_pipeline(stream.call, epoch=epoch, num_slots=self.config.num_slots)
+        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=self.config.num_slots,
+                                    micro_batches=self.config.micro_batches or len(infos))
         log(f"placement epoch {epoch}: " + ", ".join(
             f"stage {s.index} layers {s.layers.start}-{s.layers.end - 1} on "
             + "+".join(f"{m.node_id}:{m.device_index}" for m in s.members) for s in self.stages))

@@ -65,6 +65,16 @@ def test_greedy_output_equals_single_process(cluster: LocalCluster, reference: l
     assert got == reference
 
 
+def test_concurrent_requests_in_micro_batches_equal_single_process(cluster: LocalCluster,
+                                                                   reference: list[list[int]]) -> None:
+    """All 8 prompts at once: they share batches and up to 3 micro-batches are in flight (one per stage)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with TensorfleetClient(cluster.address) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: client.generate(p, max_tokens=MAX_TOKENS).token_ids, PROMPTS))
+    assert got == reference
+
+
 def test_streaming_delivers_tokens_incrementally(cluster: LocalCluster, reference: list[list[int]]) -> None:
     with TensorfleetClient(cluster.address) as client:
         deltas = list(client.generate_stream(PROMPTS[1], max_tokens=MAX_TOKENS))

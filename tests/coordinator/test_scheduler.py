@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -21,16 +22,19 @@ class FakePipeline:
         self.eos_at, self.fail, self.steps = eos_at, fail, []
         self.lock = threading.Lock()
 
-    def __call__(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
+    def __call__(self, msg: node_pb2.StepMessage) -> Future:
         with self.lock:
             self.steps.append([(s.slot, s.start, list(s.token_ids)) for s in msg.sequences])
+        done: Future = Future()
         if self.fail:
-            return node_pb2.StepResult(step_id=msg.step_id, error="stage 1 is gone")
+            done.set_result(node_pb2.StepResult(step_id=msg.step_id, error="stage 1 is gone"))
+            return done
         result = node_pb2.StepResult(step_id=msg.step_id)
         for s in msg.sequences:
             pos = s.start + len(s.token_ids)
             result.tokens.add(request_id=s.request_id, slot=s.slot, token_id=EOS if pos == self.eos_at else 10 + pos)
-        return result
+        done.set_result(result)
+        return done
 
 
 def request(rid: str, prompt_len: int = 4, **params) -> Request:  # noqa: ANN003
@@ -131,3 +135,56 @@ def test_cancelling_a_waiting_request_ends_it_at_once() -> None:
         assert s.counts() == (0, 0)
     finally:
         s.stop()
+
+
+class SlowPipeline:
+    """Holds each step until the test releases it: shows how many steps are in flight at once."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[node_pb2.StepMessage, Future]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: node_pb2.StepMessage) -> Future:
+        done: Future = Future()
+        with self.lock:
+            self.held.append((msg, done))
+        return done
+
+    def release_all(self) -> int:
+        with self.lock:
+            held, self.held = self.held, []
+        for msg, done in held:
+            result = node_pb2.StepResult(step_id=msg.step_id)
+            for s in msg.sequences:
+                result.tokens.add(request_id=s.request_id, slot=s.slot, token_id=10 + s.start + len(s.token_ids))
+            done.set_result(result)
+        return len(held)
+
+
+def wait_for(pred, timeout: float = 5.0) -> None:  # noqa: ANN001
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_micro_batches_keep_several_steps_in_flight(scheduler: Scheduler) -> None:
+    pipe = SlowPipeline()
+    scheduler.set_pipeline(pipe, epoch=1, num_slots=8, micro_batches=2)
+    reqs = [request(f"r{i}", max_tokens=4) for i in range(4)]
+    for r in reqs:
+        scheduler.submit(r)
+    wait_for(lambda: len(pipe.held) == 1)  # the prefill of all four
+    assert len(pipe.held[0][0].sequences) == 4
+    pipe.release_all()
+    wait_for(lambda: len(pipe.held) == 2)  # two decode groups of two, both in flight
+    assert sorted(len(m.sequences) for m, _ in pipe.held) == [2, 2]
+    ids = [{s.request_id for s in m.sequences} for m, _ in pipe.held]
+    assert not ids[0] & ids[1]  # no request in two steps at once
+    wait_for(lambda: pipe.release_all() >= 0 and all(len(r.output) == 4 for r in reqs))
+    for r in reqs:
+        events = collect(r)
+        assert events[-1].finish_reason == "length"
+        assert [t for e in events for t in e.token_ids] == [10 + 4 + i for i in range(4)]
