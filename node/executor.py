@@ -7,6 +7,7 @@ next stage (or samples, on the last stage). Peers loop on the broadcast.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -232,6 +233,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
 # ------------------------------------------------------------------------------------ process main
 def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multiprocessing queue
     """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text)."""
+    _exit_with_parent()
     try:
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -255,6 +257,18 @@ def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multi
     except BaseException:  # noqa: BLE001 - reported to the daemon, which answers LoadStage with it
         events.put(("error", spec.rank, traceback.format_exc()))
         raise
+
+
+def _exit_with_parent() -> None:
+    """An executor must not outlive its node daemon (killed, crashed): it would hold memory and ports."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _join_group(spec: ExecutorSpec) -> TPGroup:

@@ -154,3 +154,28 @@ def test_several_steps_in_flight_through_the_pipeline(tmp_path: Path) -> None:
                 inputs[slot] = [token]
         stream.close()
     assert got == want
+
+
+def test_executors_exit_when_their_node_daemon_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.engine.reference import make_random_model
+
+    model = make_random_model("llama-gqa-tied", tmp_path / "m")
+    with LocalCluster(tmp_path / "run", model=str(model), nodes=[NodeSpec(devices="cpu:2", model_dir=str(model))],
+                      coordinator_args=["--slots", "2", "--max-seq-len", "64"]) as c:
+        daemon = c.procs["node0"]
+        children = subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True, text=True).stdout.split()
+        executors = [int(p) for p in children
+                     if "spawn_main" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+                     and "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+        assert len(executors) == 2
+        os.kill(daemon.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()
+                  for p in executors):
+            assert time.monotonic() < deadline, "executors outlived their daemon"
+            time.sleep(0.2)
