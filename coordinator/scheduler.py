@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.detokenize import IncrementalDetokenizer
-from engine.sampling import SamplingParams, apply_stop, finish_reason_for_length
+from engine.sampling import SamplingParams, finish_reason
 from node.wire import sampling_to_proto
 from tensorfleet.v1 import common_pb2, node_pb2
 
@@ -179,8 +179,8 @@ class Scheduler:
         req.cached = len(req.tokens)
         req.output.append(token)
         text, stopped = req.detok.push(token)
-        reason = ("cancelled" if req.cancelled else apply_stop(token, req.params, self.eos_ids)
-                  or ("stop" if stopped else None) or finish_reason_for_length(len(req.output), req.params))
+        reason = "cancelled" if req.cancelled else finish_reason(token, len(req.output), req.params, self.eos_ids,
+                                                                 stop_string_seen=stopped)
         if reason is None:
             req.events.put(Event([token], text))
             return

@@ -11,17 +11,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig
+from engine.detokenize import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache, KVCacheSpec, available_memory, slots_for_memory
 from engine.model_source import load_hf_config, resolve_model
 from engine.parallel import TPGroup
-from engine.sampling import SamplingParams, apply_stop, finish_reason_for_length, resolve_seed, sample
+from engine.sampling import SamplingParams, finish_reason, resolve_seed, sample
 from engine.stage import StageModel, parse_dtype
 from engine.weights import WeightReader
 
@@ -50,7 +51,7 @@ class EngineConfig:
 
 
 @dataclass
-class Sequence_:
+class SeqState:
     request_id: int
     prompt_len: int
     tokens: list[int]
@@ -60,6 +61,7 @@ class Sequence_:
     cached: int = 0  # tokens whose k/v are in the slot
     finish_reason: str | None = None
     first_token_time: float | None = None
+    detok: IncrementalDetokenizer | None = None  # only with stop strings
 
     @property
     def output(self) -> list[int]:
@@ -83,7 +85,6 @@ class StepStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -191,14 +192,16 @@ class LLM:
             free.extend(s.slot for s in batch if s.finish_reason is not None)
         return [self._completion(s, start_time) for s in seqs]
 
-    def _new_sequence(self, request_id: int, ids: list[int], params: SamplingParams) -> Sequence_:
+    def _new_sequence(self, request_id: int, ids: list[int], params: SamplingParams) -> SeqState:
         if len(ids) + params.max_tokens > self.config.max_seq_len:
             raise ConfigError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                               f"max_seq_len={self.config.max_seq_len}")
-        return Sequence_(request_id=request_id, prompt_len=len(ids), tokens=list(ids), params=params,
-                         seed=resolve_seed(params))
+        # Stop strings are searched incrementally (a short window per token), not in the whole output.
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop) if params.stop and self.tokenizer else None
+        return SeqState(request_id=request_id, prompt_len=len(ids), tokens=list(ids), params=params,
+                        seed=resolve_seed(params), detok=detok)
 
-    def _step(self, batch: list[Sequence_], on_token: Callable[[int, int], None] | None, t0: float) -> None:
+    def _step(self, batch: list[SeqState], on_token: Callable[[int, int], None] | None, t0: float) -> None:
         tick = time.perf_counter()
         new = [s.tokens[s.cached:] for s in batch]
         logits = self.forward([s.slot for s in batch], [s.cached for s in batch], new)
@@ -221,20 +224,12 @@ class LLM:
                 seq.first_token_time = now - t0
             if on_token is not None:
                 on_token(seq.request_id, token)
-            seq.finish_reason = (apply_stop(token, seq.params, self.eos_ids)
-                                 or self._stop_string(seq) or finish_reason_for_length(len(seq.output), seq.params))
+            stopped = seq.detok.push(token)[1] if seq.detok is not None else False
+            seq.finish_reason = finish_reason(token, len(seq.output), seq.params, self.eos_ids,
+                                              stop_string_seen=stopped)
 
-    def _stop_string(self, seq: Sequence_) -> str | None:
-        if not seq.params.stop or self.tokenizer is None:
-            return None
-        text = self.decode(seq.output)
-        return "stop" if any(s in text for s in seq.params.stop) else None
-
-    def _completion(self, seq: Sequence_, t0: float) -> Completion:
-        text = self.decode(seq.output)
-        if seq.params.stop:
-            cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
-            text = text[:cut] if cut >= 0 else text
+    def _completion(self, seq: SeqState, t0: float) -> Completion:
+        text = seq.detok.text if seq.detok is not None else self.decode(seq.output)
         return Completion(request_id=seq.request_id, prompt_tokens=seq.tokens[: seq.prompt_len],
                           token_ids=seq.output, text=text, finish_reason=seq.finish_reason or "length",
                           time_to_first_token=seq.first_token_time or 0.0)

@@ -126,6 +126,13 @@ def finish_reason_for_length(num_generated: int, params: SamplingParams) -> Lite
     return "length" if num_generated >= params.max_tokens else None
 
 
+def finish_reason(token_id: int, num_generated: int, params: SamplingParams, eos_token_ids: Sequence[int], *,
+                  stop_string_seen: bool = False) -> str | None:
+    """Why a request ends after ``token_id`` (its ``num_generated``-th token): "stop", "length" or None."""
+    return (apply_stop(token_id, params, eos_token_ids) or ("stop" if stop_string_seen else None)
+            or finish_reason_for_length(num_generated, params))
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],

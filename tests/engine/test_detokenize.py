@@ -75,3 +75,17 @@ def test_stop_string_found_across_windows(embedded_model_dir) -> None:  # noqa: 
         if stopped:
             break
     assert stopped and shown + d.finish() == "one two three four five six seven eight nine "
+
+
+def test_llm_stops_at_a_stop_string_and_cuts_it(embedded_model_dir) -> None:  # noqa: ANN001
+    from engine.llm import LLM, EngineConfig
+    from engine.sampling import SamplingParams
+
+    llm = LLM(EngineConfig(model=str(embedded_model_dir), num_slots=1, max_seq_len=256))
+    full = llm.generate(["Tell me about the moon."], SamplingParams(max_tokens=40, ignore_eos=True), chat=True)[0]
+    stop = full.text[20:26]
+    assert stop.strip() and full.text.find(stop) >= 20 - 6
+    out = llm.generate(["Tell me about the moon."], SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)),
+                       chat=True)[0]
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.find(stop)]
+    assert len(out.token_ids) < len(full.token_ids)
