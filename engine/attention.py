@@ -1,8 +1,13 @@
 """One batch step's attention metadata and the attention over the slot cache.
 
-A step holds B sequences; row b brings ``lengths[b]`` new tokens (prefill or decode) that start at
-position ``starts[b]`` (the number of tokens its slot already caches). Inputs are right-padded to
-T = max(lengths). The metadata is built once per step and shared by every layer of the stage.
+A step holds B sequences; row b brings ``lengths[b]`` new tokens that start at position ``starts[b]``
+(the number of tokens its slot already caches): a decode row brings one token, a prefill row (or a chunk
+of a long prompt) several. The tokens are *packed*: the step's activations are [N, hidden] with
+N = sum(lengths), row b's tokens at ``offsets[b]:offsets[b + 1]``, so prefill and decode rows share one
+step without padding. Linear layers do not care; attention treats the two kinds apart: all one-token rows
+attend together in one batched call over their slots, and each longer row attends alone (causally over
+its own keys when it starts at 0, over its slot otherwise). The metadata is built once per step and
+shared by every layer of the stage.
 """
 
 from __future__ import annotations
@@ -16,33 +21,40 @@ import torch.nn.functional as F
 from engine.kv_cache import KVCache
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A row with several new tokens: packed tokens [lo, hi) of slot ``slot`` from position ``start``."""
+
+    lo: int
+    hi: int
+    slot: int
+    start: int
+    mask: torch.Tensor | None  # [1, 1, T, start + T] bool; None: plain causal over its own keys
+
+
 @dataclass(kw_only=True)
 class StepMeta:
-    slots: torch.Tensor  # [B] int64
-    starts: torch.Tensor  # [B] int64, tokens already cached per row
-    lengths: torch.Tensor  # [B] int64, new tokens per row
-    positions: torch.Tensor  # [B, T] int64 (padded entries repeat the last valid position)
-    write_slots: torch.Tensor  # [N] slot of each valid new token
-    write_positions: torch.Tensor  # [N] position of each valid new token
-    valid: torch.Tensor | None  # [B, T] bool, None when every entry is valid
-    kv_len: int  # keys to read: max(starts + lengths)
-    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, None when plain causal/no mask works
-    is_causal: bool  # use SDPA's causal mask (single prefill from position 0, no window)
-    single_slot: int | None  # the slot when B == 1 (reads become views)
-    single_start: int | None  # its first new position when B == 1 (writes become slice copies)
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    positions: torch.Tensor  # [N] int64, position of each packed token
+    write_slots: torch.Tensor  # [N] slot of each packed token
+    last_index: torch.Tensor  # [B] packed index of each row's last token
+    decode_rows: list[int]  # rows with one new token
+    decode_index: torch.Tensor | None  # [Bd] their packed token indices; None when every row decodes
+    decode_slots: torch.Tensor  # [Bd]
+    decode_kv_len: int  # keys the decode rows read: max(start + 1)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, decode_kv_len] bool; None when no masking is needed
+    segments: list[Segment]
     extras: dict[str, Any] = field(default_factory=dict)  # per-family step data (e.g. RoPE cos/sin)
 
     @property
     def batch(self) -> int:
-        return int(self.slots.shape[0])
+        return len(self.slots)
 
     @property
-    def width(self) -> int:
-        return int(self.positions.shape[1])
-
-    def last_index(self) -> torch.Tensor:
-        """Index of each row's last valid token: [B]."""
-        return self.lengths - 1
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
 
     @staticmethod
     def build(slots: list[int], starts: list[int], lengths: list[int], *, device: torch.device | str = "cpu",
@@ -52,61 +64,99 @@ class StepMeta:
                              f"{len(slots)}/{len(starts)}/{len(lengths)}")
         if min(lengths) < 1 or min(starts) < 0:
             raise ValueError(f"step lengths must be >= 1 and starts >= 0, got {lengths} and {starts}")
-        width = max(lengths)
-        batch = len(slots)
-        t_slots = torch.tensor(slots, dtype=torch.long)
-        t_starts = torch.tensor(starts, dtype=torch.long)
-        t_lengths = torch.tensor(lengths, dtype=torch.long)
-        offsets = torch.arange(width)
-        valid = offsets.unsqueeze(0) < t_lengths.unsqueeze(1)  # [B, T]
-        positions = t_starts.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), (t_lengths - 1).unsqueeze(1))
-        all_valid = bool(valid.all())
-        kv_len = int((t_starts + t_lengths).max())
-        write_slots = t_slots.unsqueeze(1).expand(batch, width)[valid]
-        write_positions = positions[valid]
-        plain_causal = batch == 1 and starts[0] == 0 and sliding_window is None
-        no_mask = width == 1 and all(s + 1 == kv_len for s in starts) and (
-            sliding_window is None or kv_len <= sliding_window)
-        mask = None
-        if not (plain_causal or no_mask):
-            keys = torch.arange(kv_len)
-            query_pos = positions.unsqueeze(-1)  # [B, T, 1]
-            mask = keys <= query_pos
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one step: {slots}")
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        write_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))
+        decode_rows = [b for b, n in enumerate(lengths) if n == 1]
+        dec_starts = [starts[b] for b in decode_rows]
+        dec_kv = max(dec_starts) + 1 if decode_rows else 0
+        dec_mask = None
+        if decode_rows and (min(dec_starts) + 1 != dec_kv or (sliding_window is not None and dec_kv > sliding_window)):
+            keys = torch.arange(dec_kv)
+            query = torch.tensor(dec_starts).unsqueeze(1)  # [Bd, 1]
+            dec_mask = keys <= query
             if sliding_window is not None:
-                mask &= keys > query_pos - sliding_window
-            mask = mask.unsqueeze(1).to(device)  # [B, 1, T, kv_len]
+                dec_mask &= keys > query - sliding_window
+            dec_mask = dec_mask.view(len(decode_rows), 1, 1, dec_kv).to(device)
+        segments = []
+        for b, n in enumerate(lengths):
+            if n > 1:
+                segments.append(Segment(offsets[b], offsets[b + 1], slots[b], starts[b],
+                                        _segment_mask(starts[b], n, sliding_window, device)))
+        every_row_decodes = len(decode_rows) == len(slots)
         return StepMeta(
-            slots=t_slots.to(device), starts=t_starts.to(device), lengths=t_lengths.to(device),
-            positions=positions.to(device), write_slots=write_slots.to(device),
-            write_positions=write_positions.to(device), valid=None if all_valid else valid.to(device),
-            kv_len=kv_len, mask=mask, is_causal=plain_causal and width > 1,
-            single_slot=slots[0] if batch == 1 else None, single_start=starts[0] if batch == 1 else None,
+            slots=list(slots), starts=list(starts), lengths=list(lengths), positions=positions.to(device),
+            write_slots=write_slots.to(device),
+            last_index=torch.tensor(offsets[1:], device=device) - 1,
+            decode_rows=decode_rows,
+            decode_index=None if every_row_decodes else torch.tensor([offsets[b] for b in decode_rows],
+                                                                     dtype=torch.long, device=device),
+            decode_slots=torch.tensor([slots[b] for b in decode_rows], dtype=torch.long, device=device),
+            decode_kv_len=dec_kv, decode_mask=dec_mask, segments=segments,
         )
+
+
+def _segment_mask(start: int, length: int, window: int | None, device: torch.device | str) -> torch.Tensor | None:
+    if start == 0 and window is None:
+        return None
+    keys = torch.arange(start + length)
+    query = torch.arange(start, start + length).unsqueeze(1)  # [T, 1]
+    mask = keys <= query
+    if window is not None:
+        mask &= keys > query - window
+    return mask.view(1, 1, length, start + length).to(device)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+          scale: float | None) -> torch.Tensor:
+    # PyTorch's CPU attention kernels are several times slower in bf16/fp16 than in fp32 (a decode step
+    # at batch 32 spent 5x longer in attention): compute in fp32 there, as the reference does anyway.
+    upcast = q.device.type == "cpu" and q.dtype != torch.float32
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out  # the caller casts back to the step's dtype
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache, layer: int,
                      meta: StepMeta, scale: float | None = None) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend over the filled part.
 
-    q: [B, heads, T, d]; k, v: [B, kv_heads, T, d]. Returns [B, T, heads * d].
+    q: [N, heads, d]; k, v: [N, kv_heads, d] (packed tokens). Returns [N, heads * d].
     """
-    batch, heads, width, dim = q.shape
-    kv_heads = k.shape[1]
-    if meta.single_slot is not None:  # one sequence: its new positions are one contiguous run
-        cache.write_run(layer, k[0], v[0], meta.single_slot, meta.single_start)
+    num_tokens, heads, dim = q.shape
+    dtype = q.dtype
+    if meta.batch == 1:  # one sequence: its positions are one contiguous run
+        cache.write_run(layer, k.transpose(0, 1), v.transpose(0, 1), meta.slots[0], meta.starts[0])
     else:
-        k_tok = k.transpose(1, 2)  # [B, T, kv_heads, d]
-        v_tok = v.transpose(1, 2)
-        if meta.valid is None:
-            k_tok, v_tok = k_tok.reshape(-1, kv_heads, dim), v_tok.reshape(-1, kv_heads, dim)
+        cache.write(layer, k, v, meta.write_slots, meta.positions)
+    if meta.decode_index is None and not meta.segments:  # decode only: one batched call
+        return _decode_attention(q, cache, layer, meta, scale).to(dtype).reshape(num_tokens, heads * dim)
+    out = q.new_empty(num_tokens, heads, dim)
+    if meta.decode_rows:
+        out[meta.decode_index] = _decode_attention(q[meta.decode_index], cache, layer, meta, scale).to(dtype)
+    for seg in meta.segments:
+        qs = q[seg.lo:seg.hi].transpose(0, 1).unsqueeze(0)  # [1, heads, T, d]
+        if seg.mask is None:  # a prompt from position 0: its own k/v are the whole context
+            keys, values = (t[seg.lo:seg.hi].transpose(0, 1).unsqueeze(0) for t in (k, v))
         else:
-            k_tok, v_tok = k_tok[meta.valid], v_tok[meta.valid]
-        cache.write(layer, k_tok, v_tok, meta.write_slots, meta.write_positions)
-    if meta.is_causal:
-        keys, values = k, v  # prefill of one sequence from position 0: its own k/v are the whole context
+            keys, values = cache.read(layer, seg.slot, seg.start + seg.hi - seg.lo)
+        o = _sdpa(qs, keys, values, seg.mask, seg.mask is None, scale)  # [1, heads, T, d]
+        out[seg.lo:seg.hi] = o[0].transpose(0, 1).to(dtype)
+    return out.reshape(num_tokens, heads * dim)
+
+
+def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: StepMeta,
+                      scale: float | None) -> torch.Tensor:
+    """The one-token rows: q [Bd, heads, d] -> [Bd, heads, d]."""
+    if len(meta.decode_rows) == 1:
+        keys, values = cache.read(layer, meta.slots[meta.decode_rows[0]], meta.decode_kv_len)
     else:
-        slot = meta.single_slot if meta.single_slot is not None else meta.slots
-        keys, values = cache.read(layer, slot, meta.kv_len)  # [B, kv_heads, kv_len, d]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask, is_causal=meta.is_causal,
-                                         scale=scale, enable_gqa=heads != kv_heads)
-    return out.transpose(1, 2).reshape(batch, width, heads * dim)
+        keys, values = cache.read(layer, meta.decode_slots, meta.decode_kv_len)  # [Bd, kv_heads, L, d]
+    out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask, False, scale)  # [Bd, heads, 1, d]
+    return out.squeeze(2)

@@ -236,14 +236,18 @@ class LLM:
 
     def forward(self, slots: list[int], starts: list[int], new_tokens: list[list[int]], *,
                 all_logits: bool = False) -> torch.Tensor:
-        """One batch step through every stage: logits [B, vocab] (or [B, T, vocab] with all_logits)."""
-        width = max(len(t) for t in new_tokens)
-        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in new_tokens], dtype=torch.long,
-                           device=self.stages[0].device)
-        meta = self.stages[0].make_meta(slots, starts, [len(t) for t in new_tokens])
-        h = ids
+        """One batch step through every stage: logits [B, vocab], or with ``all_logits`` [B, T, vocab]
+        for every new token (rows shorter than T = the longest row are zero-padded)."""
+        lengths = [len(t) for t in new_tokens]
+        h = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long, device=self.stages[0].device)
+        meta = self.stages[0].make_meta(slots, starts, lengths)
         for stage, cache in zip(self.stages, self.caches, strict=True):
             if h.device != stage.device:
                 h = h.to(stage.device)
             h = stage(h, meta, cache, all_logits=all_logits)
-        return h
+        if not all_logits:
+            return h
+        out = h.new_zeros(len(lengths), max(lengths), h.shape[-1])
+        for b, part in enumerate(h.split(lengths)):
+            out[b, : lengths[b]] = part
+        return out

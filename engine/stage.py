@@ -96,18 +96,18 @@ class StageModel(nn.Module):
     def make_meta(self, slots: list[int], starts: list[int], lengths: list[int]) -> StepMeta:
         meta = StepMeta.build(slots, starts, lengths, device=self.device, sliding_window=self.cfg.sliding_window)
         limit = self.cfg.max_position_embeddings
-        if int((meta.starts + meta.lengths).max()) > limit:
-            raise ConfigError(f"sequence length {int((meta.starts + meta.lengths).max())} exceeds the model's "
-                              f"max_position_embeddings={limit}")
+        longest = max(s + n for s, n in zip(starts, lengths, strict=True))
+        if longest > limit:
+            raise ConfigError(f"sequence length {longest} exceeds the model's max_position_embeddings={limit}")
         return meta
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
-        """Run one batch step through this stage.
+        """Run one batch step through this stage (tokens packed, see ``engine.attention``).
 
-        x: token ids [B, T] on the first stage, hidden states [B, T, hidden] otherwise. Returns hidden
-        states [B, T, hidden], or on the last stage logits: [B, vocab] for each row's last valid token,
-        or [B, T, vocab] with ``all_logits``.
+        x: token ids [N] on the first stage, hidden states [N, hidden] otherwise. Returns hidden states
+        [N, hidden], or on the last stage logits: [B, vocab] for each row's last token, or [N, vocab]
+        with ``all_logits``.
         """
         self.family.prepare(meta, self.dtype)
         h = self.embedding(x, meta) if self.embedding is not None else x
@@ -116,5 +116,5 @@ class StageModel(nn.Module):
         if self.head is None:
             return h
         if not all_logits:
-            h = h[torch.arange(h.shape[0], device=h.device), meta.last_index()]  # [B, hidden]
+            h = h[meta.last_index]  # [B, hidden]
         return self.head(h)

@@ -101,20 +101,20 @@ class StepBroadcast:
 
     def send(self, op: int, slots=(), starts=(), lengths=(), x: torch.Tensor | None = None) -> None:  # noqa: ANN001
         batch = len(slots)
-        width = int(x.shape[1]) if x is not None else 0
+        num_tokens = int(x.shape[0]) if x is not None else 0
         kind = KIND_IDS if x is not None and x.dtype == torch.long else KIND_HIDDEN
-        self._bcast(torch.tensor([op, batch, width, kind], dtype=torch.long, device=self.device))
+        self._bcast(torch.tensor([op, batch, num_tokens, kind], dtype=torch.long, device=self.device))
         if op != OP_STEP:
             return
         self._bcast(torch.tensor([*slots, *starts, *lengths], dtype=torch.long, device=self.device))
         self._bcast(x.to(self.device).contiguous())
 
     def receive(self) -> tuple[int, list[int], list[int], list[int], torch.Tensor | None]:
-        op, batch, width, kind = self._bcast(torch.empty(4, dtype=torch.long, device=self.device)).tolist()
+        op, batch, num_tokens, kind = self._bcast(torch.empty(4, dtype=torch.long, device=self.device)).tolist()
         if op != OP_STEP:
             return op, [], [], [], None
         meta = self._bcast(torch.empty(3 * batch, dtype=torch.long, device=self.device)).tolist()
-        shape = (batch, width) if kind == KIND_IDS else (batch, width, self.hidden_size)
+        shape = (num_tokens,) if kind == KIND_IDS else (num_tokens, self.hidden_size)
         x = self._bcast(torch.empty(shape, dtype=torch.long if kind == KIND_IDS else self.dtype, device=self.device))
         return op, meta[:batch], meta[batch:2 * batch], meta[2 * batch:], x
 
@@ -192,12 +192,10 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
             raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
         if self.runner.stage.is_first:
-            width = max(lengths)
-            x = torch.tensor([list(s.token_ids) + [s.token_ids[-1]] * (width - len(s.token_ids)) for s in seqs],
-                             dtype=torch.long)
+            x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:
             x = tensor_from_proto(msg.hidden)
-            if tuple(x.shape[:2]) != (len(seqs), max(lengths)) or x.shape[2] != self.runner.cfg.hidden_size:
+            if tuple(x.shape) != (sum(lengths), self.runner.cfg.hidden_size):
                 raise ValueError(f"hidden states of shape {tuple(x.shape)} do not fit a step of {lengths}")
         if self.broadcast is not None:
             self.broadcast.send(OP_STEP, slots, starts, lengths, x)

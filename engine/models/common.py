@@ -92,8 +92,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim).to(device), persistent=False)
 
     def prepare(self, meta: StepMeta, dtype: torch.dtype) -> None:
-        freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, T, 1, d]: broadcast over heads
+        freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq  # [N, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [N, 1, d]: broadcast over heads
         meta.extras["rope"] = (emb.cos().to(dtype), emb.sin().to(dtype))
 
 
@@ -128,16 +128,13 @@ class Attention(nn.Module):
                                     dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
-        batch, width, _ = x.shape
-        qkv = self.qkv(x).view(batch, width, -1, self.head_dim)  # [B, T, heads + 2 * kv_heads, d]
+        qkv = self.qkv(x).view(x.shape[0], -1, self.head_dim)  # [N, heads + 2 * kv_heads, d]
         rotated = self.num_heads + self.num_kv_heads
-        qk = qkv[:, :, :rotated]
+        qk = qkv[:, :rotated]
         if self.rotary:  # q and k in one pass
             qk = apply_rotary(qk, *meta.extras["rope"])
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
-        v = qkv[:, :, rotated:]
-        out = cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache=cache,
-                               layer=self.layer, meta=meta)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        out = cached_attention(q, k, qkv[:, rotated:], cache=cache, layer=self.layer, meta=meta)
         return self.o_proj(out)
 
     def load(self, reader: WeightReader, prefix: str) -> None:

@@ -124,3 +124,25 @@ def test_embedded_batch_of_different_lengths(embedded: tuple) -> None:
     outs = llm.generate(prompts, GREEDY)
     for out, ids in zip(outs, prompts, strict=True):
         assert out.token_ids == reference_greedy(ref, ids, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_chunked_prefill_mixed_with_decode(model_dirs: dict, name: str) -> None:
+    """A long prompt prefilled in chunks (each chunk attends to the earlier ones through the cache) in
+    the same steps as another sequence's decode tokens: every logit as in one whole forward."""
+    ref = load_reference(model_dirs[name])
+    llm = engine_for(model_dirs[name], stages=2)
+    long, short = random_prompts(ref.config.vocab_size, [40, 11], seed=5)
+    short_ref = reference_greedy(ref, short, 3)
+    want_long = reference_logits(ref, long)
+    want_short = reference_logits(ref, short + short_ref[:2])
+    # step 1: the whole short prompt and the long prompt's first chunk (both prefill rows)
+    out = llm.forward([4, 1], [0, 0], [short, long[:16]], all_logits=True)
+    assert_logits_close(out[0, : len(short)], want_short[: len(short)])
+    assert_logits_close(out[1, :16], want_long[:16])
+    # steps 2 and 3: one decode row next to the following chunks, which start where the cache ends
+    for i, (lo, hi) in enumerate([(16, 32), (32, 40)]):
+        pos = len(short) + i
+        out = llm.forward([1, 4], [lo, pos], [long[lo:hi], [short_ref[i]]], all_logits=True)
+        assert_logits_close(out[0, : hi - lo], want_long[lo:hi])
+        assert_logits_close(out[1, 0], want_short[pos])

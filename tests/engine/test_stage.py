@@ -106,10 +106,16 @@ def test_step_meta_validation() -> None:
         StepMeta.build([0], [0], [0])
     with pytest.raises(ValueError, match="equal, non-empty"):
         StepMeta.build([0, 1], [0], [1])
-    meta = StepMeta.build([3, 1], [5, 0], [1, 4])
-    assert meta.kv_len == 6 and meta.width == 4
-    assert meta.write_slots.tolist() == [3, 1, 1, 1, 1]
-    assert meta.write_positions.tolist() == [5, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="slot appears twice"):
+        StepMeta.build([2, 2], [0, 5], [3, 1])
+    meta = StepMeta.build([3, 1, 4], [5, 0, 2], [1, 4, 1])  # decode, prefill, decode: packed, no padding
+    assert meta.num_tokens == 6
+    assert meta.write_slots.tolist() == [3, 1, 1, 1, 1, 4]
+    assert meta.positions.tolist() == [5, 0, 1, 2, 3, 2]
+    assert meta.last_index.tolist() == [0, 4, 5]
+    assert meta.decode_rows == [0, 2] and meta.decode_index.tolist() == [0, 5] and meta.decode_kv_len == 6
+    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+    assert len(meta.segments) == 1 and meta.segments[0].mask is None  # a prompt from 0: plain causal
 
 
 def test_sequence_longer_than_the_model_allows(model_dir: Path) -> None:
