@@ -60,15 +60,21 @@ def format_status(status: coordinator_pb2.StatusResponse) -> str:
                 f"{s.weight_bytes / _GIB:.2f}",
                 f"{s.kv_cache_bytes / _GIB:.2f}",
                 str(s.num_slots),
+                str(s.slots_fit) if s.slots_fit else "-",
             ]
             for s in status.stages
         ]
-        headers = ["STAGE", "LAYERS", "MEMBERS (node:device/rank)", "ADDRESS", "WEIGHTS GiB", "KV GiB", "SLOTS"]
+        headers = ["STAGE", "LAYERS", "MEMBERS (node:device/rank)", "ADDRESS", "WEIGHTS GiB", "KV GiB", "SLOTS",
+                   "MEMORY FITS"]
         lines += _table(headers, rows)
     else:
         lines.append("placement: none in force")
     lines.append("")
 
+    if status.max_batch_size:
+        lines.append(f"batch: up to {status.max_batch_size} sequences ({status.slots_free} slots free), "
+                     f"{status.max_step_tokens} tokens per step, {status.micro_batches} micro-batch(es) in flight, "
+                     f"queue up to {status.max_queue}")
     lines.append(f"requests: {status.requests_running} running, {status.requests_waiting} waiting")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import sys
 import threading
 
 from client import DEFAULT_COORDINATOR_PORT
+from coordinator import defaults
 
 
 def _port(text: str) -> int:
@@ -28,6 +29,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
     return value
 
 
@@ -51,8 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
     start.add_argument("--micro-batches", type=_positive_int, default=None,
                        help="steps in flight through the pipeline (default: one per stage)")
-    start.add_argument("--slots", type=_positive_int, default=8,
-                       help="KV cache slots (concurrent sequences) per stage (default: %(default)s)")
+    start.add_argument("--slots", type=_positive_int, default=None,
+                       help="KV cache slots: sequences that run at once (default: as many as each stage's free "
+                            "memory holds, up to --max-slots)")
+    start.add_argument("--max-slots", type=_positive_int, default=defaults.MAX_SLOTS,
+                       help="upper bound on the slots derived from memory (default: %(default)s)")
+    start.add_argument("--kv-memory-fraction", type=_fraction, default=defaults.KV_MEMORY_FRACTION,
+                       help="share of each device's free memory (beside the weights) for the KV cache "
+                            "(default: %(default)s)")
+    start.add_argument("--max-step-tokens", type=_positive_int, default=defaults.MAX_STEP_TOKENS,
+                       help="tokens per step: decode rows plus prompt chunks; longer prompts are prefilled in "
+                            "chunks (default: %(default)s)")
+    start.add_argument("--max-queue", type=_positive_int, default=defaults.MAX_QUEUE,
+                       help="requests waiting for a slot before new ones are refused with RESOURCE_EXHAUSTED "
+                            "(default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=2048,
                        help="longest sequence (prompt + generated) (default: %(default)s)")
     start.add_argument("--heartbeat-ms", type=_positive_int, default=500,
@@ -72,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.server import CoordinatorConfig, serve
 
         config = CoordinatorConfig(model=args.model, host=args.host, port=args.port, min_nodes=args.min_nodes,
-                                   dtype=args.dtype, num_slots=args.slots, num_stages=args.stages,
-                                   micro_batches=args.micro_batches,
+                                   dtype=args.dtype, num_slots=args.slots, max_slots=args.max_slots,
+                                   kv_memory_fraction=args.kv_memory_fraction, num_stages=args.stages,
+                                   micro_batches=args.micro_batches, max_step_tokens=args.max_step_tokens,
+                                   max_queue=args.max_queue,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=4 * args.heartbeat_ms)

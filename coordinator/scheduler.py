@@ -1,10 +1,15 @@
 """The scheduler: admits requests to KV slots and drives batch steps through the pipeline.
 
-Up to ``micro_batches`` steps are in flight at once (one per pipeline stage keeps every stage busy):
-the running requests are split into groups, each group's next step leaves as soon as its previous one
+Iteration-level (continuous) batching: a request joins the running batch as soon as a slot is free and
+leaves it the step it finishes, so the batch is re-formed between every two steps. A step mixes decode
+rows (one token each) with prefill rows; a prompt longer than what is left of the step's token budget
+(``max_step_tokens``) is prefilled in chunks over several steps, so newcomers never stall the decoding
+requests for a whole long prompt. Decode rows come first, then prompt chunks in arrival order.
+
+Up to ``micro_batches`` steps are in flight at once (one per pipeline stage keeps every stage busy): the
+running requests are split into groups, each group's next step leaves as soon as its previous one
 returns, and a request is never in two steps at once (its next input is the token the previous step
-sampled). Newly admitted requests are prefilled together in a step of their own; a finished or
-cancelled request frees its slot at once.
+sampled). A finished or cancelled request frees its slot at once.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import itertools
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from coordinator import defaults
 from engine.detokenize import IncrementalDetokenizer
 from engine.sampling import SamplingParams, finish_reason
 from node.wire import sampling_to_proto
@@ -32,6 +39,14 @@ class Event:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Load:
+    slots: int
+    slots_free: int
+    micro_batches: int
+    steps_in_flight: int
+
+
 @dataclass
 class Request:
     request_id: str
@@ -42,9 +57,10 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     output: list[int] = field(default_factory=list)
     slot: int = -1
-    cached: int = 0
+    cached: int = 0  # tokens whose k/v the slot holds (or will, once the step in flight returns)
     cancelled: bool = False
     in_flight: bool = False
+    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def tokens(self) -> list[int]:
@@ -52,9 +68,13 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, *, eos_ids: set[int], max_queue: int = 1024) -> None:
+    def __init__(self, *, eos_ids: set[int], max_queue: int = defaults.MAX_QUEUE,
+                 max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> None:
+        if max_queue < 0 or max_step_tokens < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 0 and max_step_tokens={max_step_tokens} >= 1")
         self.eos_ids = eos_ids
         self.max_queue = max_queue
+        self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cv = threading.Condition()
@@ -62,6 +82,7 @@ class Scheduler:
         self.epoch = 0
         self.micro_batches = 1
         self.steps_in_flight = 0
+        self.num_slots = 0
         self.free_slots: list[int] = []
         self.step_ids = itertools.count(1)
         self.stopped = False
@@ -76,6 +97,7 @@ class Scheduler:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1")
         with self.cv:
             self.submit_fn, self.epoch, self.micro_batches = submit_fn, epoch, micro_batches
+            self.num_slots = num_slots
             self.free_slots = list(range(num_slots - 1, -1, -1))
             self.cv.notify_all()
 
@@ -99,6 +121,11 @@ class Scheduler:
         with self.cv:
             return len(self.running), len(self.waiting)
 
+    def load(self) -> Load:
+        with self.cv:
+            return Load(slots=self.num_slots, slots_free=len(self.free_slots), micro_batches=self.micro_batches,
+                        steps_in_flight=self.steps_in_flight)
+
     def stop(self) -> None:
         with self.cv:
             self.stopped = True
@@ -108,54 +135,62 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.stopped or self._ready_batch(peek=True) is not None)
+                step = None
+                while not self.stopped and (step := self._next_step()) is None:
+                    self.cv.wait()
                 if self.stopped:
                     return
-                batch = self._ready_batch()
-                for req in batch:
+                for req, _ in step:
                     req.in_flight = True
                 self.steps_in_flight += 1
                 submit_fn, epoch = self.submit_fn, self.epoch
-            self._send(batch, submit_fn, epoch)
+            self._send(step, submit_fn, epoch)
 
-    def _ready_batch(self, *, peek: bool = False) -> list[Request] | None:
-        """The next step to send, or None: newcomers to prefill first, else a group of idle running
-        requests (about 1/micro_batches of them, so the groups stay balanced). Called with the lock held;
-        ``peek`` only says whether there is one."""
+    def _next_step(self) -> list[tuple[Request, int]] | None:
+        """The next step to send as (request, new tokens) rows, or None. Called with the lock held.
+
+        A group holds about 1/micro_batches of the running requests, so the groups stay balanced; its
+        decode rows come first, then prompt chunks within what is left of the token budget.
+        """
         if self.submit_fn is None or self.steps_in_flight >= self.micro_batches:
             return None
         for req in [r for r in self.running if r.cancelled and not r.in_flight]:
             self._finish(req, "cancelled")
-        if self.waiting and self.free_slots:
-            return [] if peek else self._admit()
+        while self.waiting and self.free_slots:  # admission: a free slot is all a request needs
+            req = self.waiting.popleft()
+            req.slot, req.cached = self.free_slots.pop(), 0
+            self.running.append(req)
         idle = [r for r in self.running if not r.in_flight]
         if not idle:
             return None
         group = -(-len(self.running) // self.micro_batches)  # ceil
-        return idle[:group]
+        budget = self.max_step_tokens
+        rows = []
+        for req in idle:
+            if len(rows) < group and budget > 0 and len(req.tokens) - req.cached == 1:
+                rows.append((req, 1))
+                budget -= 1
+        for req in idle:
+            todo = len(req.tokens) - req.cached
+            if len(rows) < group and budget > 0 and todo > 1:
+                rows.append((req, min(todo, budget)))
+                budget -= rows[-1][1]
+        return rows
 
-    def _admit(self) -> list[Request]:
-        admitted = []
-        while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            req.slot, req.cached = self.free_slots.pop(), 0
-            self.running.append(req)
-            admitted.append(req)
-        return admitted
-
-    def _send(self, batch: list[Request], submit_fn, epoch: int) -> None:  # noqa: ANN001
+    def _send(self, step: list[tuple[Request, int]], submit_fn, epoch: int) -> None:  # noqa: ANN001
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
-        for req in batch:
+        for req, n in step:
             msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
-                              token_ids=req.tokens[req.cached:], sampling=sampling_to_proto(req.params), seed=req.seed)
+                              token_ids=req.tokens[req.cached:req.cached + n], sampling=sampling_to_proto(req.params),
+                              seed=req.seed)
         try:
             future = submit_fn(msg)
         except Exception as e:  # noqa: BLE001 - reported like a failed step
             future = Future()
             future.set_exception(e)
-        future.add_done_callback(lambda f: self._on_result(batch, msg.step_id, f))
+        future.add_done_callback(lambda f: self._on_result(step, msg.step_id, f))
 
-    def _on_result(self, batch: list[Request], step_id: int, future: Future) -> None:
+    def _on_result(self, step: list[tuple[Request, int]], step_id: int, future: Future) -> None:
         try:
             result = future.result()
             error = result.error or None
@@ -163,20 +198,23 @@ class Scheduler:
             result, error = None, str(e) or type(e).__name__
         with self.cv:
             self.steps_in_flight -= 1
-            for req in batch:
+            for req, _ in step:
                 req.in_flight = False
             if error is not None:
                 print(f"[coordinator] step {step_id} failed: {error}", file=sys.stderr, flush=True)
-                for req in batch:
+                for req, _ in step:
                     req.events.put(Event([], "", "error", error=error))
                     self._release(req)
             else:
-                for req, tok in zip(batch, result.tokens, strict=True):
-                    self._accept(req, tok.token_id)
+                for (req, n), tok in zip(step, result.tokens, strict=True):
+                    req.cached += n
+                    if req.cached == len(req.tokens):  # else a prompt chunk: its sampled token is not used
+                        self._accept(req, tok.token_id)
+                    elif req.cancelled:
+                        self._finish(req, "cancelled")
             self.cv.notify_all()
 
     def _accept(self, req: Request, token: int) -> None:
-        req.cached = len(req.tokens)
         req.output.append(token)
         text, stopped = req.detok.push(token)
         reason = "cancelled" if req.cancelled else finish_reason(token, len(req.output), req.params, self.eos_ids,

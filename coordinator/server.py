@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from coordinator import defaults
+from coordinator.capacity import choose_slots, stage_capacities
 from coordinator.scheduler import Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
@@ -35,9 +37,13 @@ class CoordinatorConfig:
     port: int = 50051
     min_nodes: int = 1
     dtype: str = "float32"
-    num_slots: int = 8
+    num_slots: int | None = None  # KV slots (batch capacity); None: as many as memory holds, up to max_slots
+    max_slots: int = defaults.MAX_SLOTS
+    kv_memory_fraction: float = defaults.KV_MEMORY_FRACTION  # of the free memory beside the weights
     num_stages: int | None = None  # None: the planner's choice
     micro_batches: int | None = None  # steps in flight; None: one per stage
+    max_step_tokens: int = defaults.MAX_STEP_TOKENS
+    max_queue: int = defaults.MAX_QUEUE
     max_seq_len: int = 2048
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000
@@ -77,7 +83,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
-        self.scheduler = Scheduler(eos_ids=self.eos_ids)
+        self.scheduler = Scheduler(eos_ids=self.eos_ids, max_queue=config.max_queue,
+                                   max_step_tokens=config.max_step_tokens)
         self.lock = threading.RLock()
         self.members: dict[str, Member] = {}
         self.epoch = 0
@@ -122,6 +129,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     # -------------------------------------------------------------------------------------- status
     def Status(self, request, context):  # noqa: ANN001, ANN201, N802
         running, waiting = self.scheduler.counts()
+        load = self.scheduler.load()
         now = time.monotonic()
         with self.lock:
             nodes = [coordinator_pb2.NodeStatus(node_id=m.node_id, info=m.info, state=m.state,
@@ -129,7 +137,10 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                      for m in self.members.values()]
             return coordinator_pb2.StatusResponse(epoch=common_pb2.PlacementEpoch(value=self.epoch),
                                                   model=self.model_name, nodes=nodes, stages=self.stages,
-                                                  requests_running=running, requests_waiting=waiting)
+                                                  requests_running=running, requests_waiting=waiting,
+                                                  max_batch_size=load.slots, slots_free=load.slots_free,
+                                                  max_step_tokens=self.scheduler.max_step_tokens,
+                                                  micro_batches=load.micro_batches, max_queue=self.scheduler.max_queue)
 
     # ------------------------------------------------------------------------------------ Generate
     def Generate(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -201,8 +212,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                                   memory_bandwidth=d.memory_bandwidth_bytes_per_s)
                    for m in members for d in m.info.devices]
         profile = profile_from_config(self.hf_config, dtype_bytes=dtype.itemsize,
-                                      kv_reserve_tokens=self.config.num_slots * self.config.max_seq_len)
+                                      kv_reserve_tokens=(self.config.num_slots or 1) * self.config.max_seq_len)
         plan = plan_placement(devices, profile, num_stages=self.config.num_stages)
+        capacities = stage_capacities(plan, devices, profile, max_seq_len=self.config.max_seq_len,
+                                      kv_memory_fraction=self.config.kv_memory_fraction)
+        num_slots = choose_slots(capacities, requested=self.config.num_slots, max_slots=self.config.max_slots)
         epoch = self.epoch + 1
         by_id = {m.node_id: m for m in members}
         infos, next_address = [], ""
@@ -218,22 +232,23 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 num_stages=len(plan.stages), layers=common_pb2.LayerRange(start=sp.start, end=sp.end),
                 dtype=dtype_to_proto(dtype), group=node_pb2.TensorParallelGroup(world_size=len(sp.members)),
                 local_ranks=[node_pb2.LocalRank(device_index=d, tp_rank=r) for r, (_, d) in enumerate(sp.members)],
-                num_slots=self.config.num_slots, max_seq_len=self.config.max_seq_len,
+                num_slots=num_slots, max_seq_len=self.config.max_seq_len,
                 next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED)
             resp = member.stub.LoadStage(req, timeout=900)
             member.state = coordinator_pb2.NODE_STATE_SERVING
             next_address = resp.stage_address
             infos.append(coordinator_pb2.StageInfo(
                 index=index, layers=req.layers, address=resp.stage_address, weight_bytes=resp.weight_bytes,
-                kv_cache_bytes=resp.kv_cache_bytes, num_slots=req.num_slots,
+                kv_cache_bytes=resp.kv_cache_bytes, num_slots=req.num_slots, slots_fit=capacities[index].slots_fit,
                 members=[coordinator_pb2.StageMember(node_id=n, device_index=d, tp_rank=r)
                          for r, (n, d) in enumerate(sp.members)]))
         stream = StageStream(next_address)
         with self.lock:
             self.epoch, self.stages, self.stream = epoch, list(reversed(infos)), stream
-        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=self.config.num_slots,
+        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=num_slots,
                                     micro_batches=self.config.micro_batches or len(infos))
-        log(f"placement epoch {epoch}: " + ", ".join(
+        log(f"placement epoch {epoch}: batch capacity {num_slots} sequences of up to {self.config.max_seq_len} "
+            f"tokens; " + ", ".join(
             f"stage {s.index} layers {s.layers.start}-{s.layers.end - 1} on "
             + "+".join(f"{m.node_id}:{m.device_index}" for m in s.members) for s in self.stages))
 

@@ -79,7 +79,8 @@ def canned_status() -> coordinator_pb2.StatusResponse:
                 address="10.0.0.1:7001",
                 weight_bytes=3 * GIB // 2,
                 kv_cache_bytes=4 * GIB,
-                num_slots=16,
+                num_slots=8,
+                slots_fit=24,
             ),
             coordinator_pb2.StageInfo(
                 index=1,
@@ -89,10 +90,16 @@ def canned_status() -> coordinator_pb2.StatusResponse:
                 weight_bytes=GIB // 4,
                 kv_cache_bytes=GIB,
                 num_slots=8,
+                slots_fit=8,
             ),
         ],
         requests_running=2,
         requests_waiting=1,
+        max_batch_size=8,
+        slots_free=6,
+        max_step_tokens=256,
+        micro_batches=2,
+        max_queue=1024,
     )
 
 

@@ -89,10 +89,11 @@ def test_status_prints_the_tables(fake_coordinator, capsys) -> None:
         "1.50",  # weights GiB of stage 0
         "4.00",  # KV GiB of stage 0
         "requests: 2 running, 1 waiting",
+        "batch: up to 8 sequences (6 slots free), 256 tokens per step, 2 micro-batch(es) in flight, queue up to 1024",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
     stage0 = next(line for line in out.splitlines() if "n1:0/0" in line).split()
-    assert stage0[:2] == ["0", "0-19"] and stage0[-3:] == ["1.50", "4.00", "16"]
+    assert stage0[:2] == ["0", "0-19"] and stage0[-4:] == ["1.50", "4.00", "8", "24"]
 
 
 def test_status_json(fake_coordinator, capsys) -> None:

@@ -42,8 +42,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir) -> Loc
     nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)),
              NodeSpec(devices="cpu", cache_dir=str(work / "cache1")),
              NodeSpec(devices="cpu:3", cache_dir=str(work / "cache2"))]
+    # Slots derived from memory (capped at 8); a step carries at most 16 tokens, so the chat prompts (about
+    # 35 tokens) are prefilled in chunks, beside the decode rows of the requests already running.
     c = LocalCluster(work, model=str(embedded_model_dir), nodes=nodes,
-                     coordinator_args=["--stages", "3", "--slots", "8", "--max-seq-len", "512"])
+                     coordinator_args=["--stages", "3", "--max-slots", "8", "--max-step-tokens", "16",
+                                       "--max-seq-len", "512"])
     c.start(timeout_s=300)
     yield c
     c.stop()
@@ -57,6 +60,8 @@ def test_status_shows_three_stages_and_a_tp_group(cluster: LocalCluster) -> None
     assert len(status.stages) == 3
     assert sorted(len(s.members) for s in status.stages) == [1, 1, 3]
     assert all(s.address for s in status.stages)
+    assert status.max_batch_size == 8 and status.max_step_tokens == 16 and status.micro_batches == 3
+    assert all(s.num_slots == 8 and s.slots_fit >= 8 for s in status.stages)
 
 
 def test_greedy_output_equals_single_process(cluster: LocalCluster, reference: list[list[int]]) -> None:
@@ -67,7 +72,8 @@ def test_greedy_output_equals_single_process(cluster: LocalCluster, reference: l
 
 def test_concurrent_requests_in_micro_batches_equal_single_process(cluster: LocalCluster,
                                                                    reference: list[list[int]]) -> None:
-    """All 8 prompts at once: they share batches and up to 3 micro-batches are in flight (one per stage)."""
+    """All 8 prompts at once: they share batches, up to 3 micro-batches are in flight (one per stage), and
+    prompt chunks ride in the same steps as other requests' decode rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     with TensorfleetClient(cluster.address) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:

@@ -176,8 +176,8 @@ def test_micro_batches_keep_several_steps_in_flight(scheduler: Scheduler) -> Non
     reqs = [request(f"r{i}", max_tokens=4) for i in range(4)]
     for r in reqs:
         scheduler.submit(r)
-    wait_for(lambda: len(pipe.held) == 1)  # the prefill of all four
-    assert len(pipe.held[0][0].sequences) == 4
+    wait_for(lambda: len(pipe.held) == 2)  # the prompts, in two groups of two, both in flight
+    assert [[len(s.token_ids) for s in m.sequences] for m, _ in pipe.held] == [[4, 4], [4, 4]]
     pipe.release_all()
     wait_for(lambda: len(pipe.held) == 2)  # two decode groups of two, both in flight
     assert sorted(len(m.sequences) for m, _ in pipe.held) == [2, 2]
@@ -188,3 +188,57 @@ def test_micro_batches_keep_several_steps_in_flight(scheduler: Scheduler) -> Non
         events = collect(r)
         assert events[-1].finish_reason == "length"
         assert [t for e in events for t in e.token_ids] == [10 + 4 + i for i in range(4)]
+
+
+def rows(msg: node_pb2.StepMessage) -> list[tuple[str, int, int]]:
+    return [(s.request_id, s.start, len(s.token_ids)) for s in msg.sequences]
+
+
+def test_newcomers_join_a_running_batch_and_long_prompts_are_chunked() -> None:
+    s = Scheduler(eos_ids=set(), max_step_tokens=4)
+    pipe = SlowPipeline()
+    try:
+        s.set_pipeline(pipe, epoch=1, num_slots=4)
+        a, b = request("a", prompt_len=2, max_tokens=6), request("b", prompt_len=10, max_tokens=3)
+        s.submit(a)
+        wait_for(lambda: len(pipe.held) == 1)
+        assert rows(pipe.held[0][0]) == [("a", 0, 2)]
+        s.submit(b)  # arrives while a's step is in flight: joins at the next step, beside a's decode row
+        expected = [[("a", 2, 1), ("b", 0, 3)], [("a", 3, 1), ("b", 3, 3)], [("a", 4, 1), ("b", 6, 3)],
+                    [("a", 5, 1), ("b", 9, 1)], [("a", 6, 1), ("b", 10, 1)]]
+        for want in expected:
+            pipe.release_all()
+            wait_for(lambda: len(pipe.held) == 1)
+            assert rows(pipe.held[0][0]) == want
+        wait_for(lambda: pipe.release_all() >= 0 and len(b.output) == 3 and len(a.output) == 6)
+        # the tokens sampled after a prompt chunk are dropped: b's first token follows its whole prompt
+        assert [t for e in collect(b) for t in e.token_ids] == [20, 21, 22]
+        assert [t for e in collect(a) for t in e.token_ids] == [12, 13, 14, 15, 16, 17]
+    finally:
+        s.stop()
+
+
+def test_cancel_during_a_chunked_prefill_frees_the_slot() -> None:
+    s = Scheduler(eos_ids=set(), max_step_tokens=4)
+    pipe = SlowPipeline()
+    try:
+        s.set_pipeline(pipe, epoch=1, num_slots=1)
+        c = request("c", prompt_len=12, max_tokens=5)
+        s.submit(c)
+        wait_for(lambda: len(pipe.held) == 1)
+        s.cancel(c)
+        pipe.release_all()
+        events = collect(c)
+        assert events[-1].finish_reason == "cancelled" and not c.output
+        wait_for(lambda: s.free_slots == [0] and s.counts() == (0, 0))
+        d = request("d", prompt_len=2, max_tokens=1)  # the slot serves the next request
+        s.submit(d)
+        wait_for(lambda: pipe.release_all() >= 0 and len(d.output) == 1)
+        assert collect(d)[-1].finish_reason == "length"
+    finally:
+        s.stop()
+
+
+def test_step_budget_validation() -> None:
+    with pytest.raises(ValueError, match="max_step_tokens=0"):
+        Scheduler(eos_ids=set(), max_step_tokens=0)

@@ -95,7 +95,7 @@ class StageMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "layers", "members", "address", "weight_bytes", "kv_cache_bytes", "num_slots")
+    __slots__ = ("index", "layers", "members", "address", "weight_bytes", "kv_cache_bytes", "num_slots", "slots_fit")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class StageInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIT_FIELD_NUMBER: _ClassVar[int]
     index: int
     layers: _common_pb2.LayerRange
     members: _containers.RepeatedCompositeFieldContainer[StageMember]
@@ -110,23 +111,34 @@ class StageInfo(_message.Message):
     weight_bytes: int
     kv_cache_bytes: int
     num_slots: int
-    def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ..., address: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ...) -> None: ...
+    slots_fit: int
+    def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ..., address: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ..., slots_fit: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting")
+    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting", "max_batch_size", "max_step_tokens", "micro_batches", "slots_free", "max_queue")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     requests_running: int
     requests_waiting: int
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ...) -> None: ...
+    max_batch_size: int
+    max_step_tokens: int
+    micro_batches: int
+    slots_free: int
+    max_queue: int
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., micro_batches: _Optional[int] = ..., slots_free: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node",)

@@ -1,0 +1,7 @@
+"""Defaults of the coordinator's batch capacity, shared by the CLI (which must import nothing heavy), the
+capacity rules and the scheduler."""
+
+KV_MEMORY_FRACTION = 0.5  # of each device's free memory beside its weights, for the KV cache
+MAX_SLOTS = 64  # bound on the sequence slots derived from memory
+MAX_STEP_TOKENS = 256  # tokens per step: decode rows plus prompt chunks
+MAX_QUEUE = 1024  # requests waiting for a slot before new ones are refused
