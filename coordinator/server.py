@@ -6,6 +6,7 @@ RPC handlers are thin: they convert protobuf to domain types and call plain code
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
@@ -18,11 +19,11 @@ import grpc
 
 from coordinator import defaults
 from coordinator.capacity import choose_slots, stage_capacities
-from coordinator.scheduler import Request, Scheduler
+from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
-from node.stream import CHANNEL_OPTIONS, StageStream
+from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS, StageStream
 from node.wire import dtype_to_proto, sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -154,7 +155,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         context.add_callback(lambda: self.scheduler.cancel(req))
         while True:
-            ev = req.events.get()
+            ev = _coalesce(req.events)
             if ev.error:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"the pipeline failed: {ev.error}")
             resp = coordinator_pb2.GenerateResponse(request_id=req.request_id, token_ids=ev.token_ids,
@@ -253,9 +254,25 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             + "+".join(f"{m.node_id}:{m.device_index}" for m in s.members) for s in self.stages))
 
 
+def _coalesce(events: queue.Queue) -> Event:
+    """The next event, merged with those already waiting behind it: a client that reads slower than
+    tokens come gets them in fewer, larger responses instead of falling further behind."""
+    ev = events.get()
+    while ev.finish_reason is None and not ev.error:
+        try:
+            nxt = events.get_nowait()
+        except queue.Empty:
+            break
+        ev = Event(ev.token_ids + nxt.token_ids, ev.text + nxt.text, nxt.finish_reason, nxt.error)
+    return ev
+
+
 def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
     coordinator = Coordinator(config)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=CHANNEL_OPTIONS)
+    # Each Generate stream holds a worker thread for its whole life: room for every running and queued
+    # request, plus some for heartbeats, status and weight transfers (threads start only when needed).
+    workers = max(config.num_slots or 0, config.max_slots) + config.max_queue + 32
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     bound = server.add_insecure_port(f"{config.host}:{config.port}")
     if bound == 0:

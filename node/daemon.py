@@ -20,7 +20,7 @@ import grpc
 
 from engine.errors import TensorfleetError
 from node.executor import ExecutorSpec, executor_main
-from node.stream import CHANNEL_OPTIONS
+from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -69,7 +69,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         self.server.start()

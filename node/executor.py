@@ -292,9 +292,9 @@ def _peer_loop(runner: StageRunner, broadcast: StepBroadcast) -> None:
 def _serve(servicer: StageServicer, host: str):  # noqa: ANN202
     import grpc
 
-    from node.stream import CHANNEL_OPTIONS
+    from node.stream import SERVER_OPTIONS
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
     node_pb2_grpc.add_StageServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{host}:0")
     server.start()

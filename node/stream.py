@@ -20,6 +20,9 @@ from tensorfleet.v1 import node_pb2, node_pb2_grpc
 MAX_MESSAGE_BYTES = 512 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# gRPC servers reuse ports by default (SO_REUSEPORT): a second server on a busy port would start and
+# share its connections with the first. Ours must fail instead.
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 _CLOSE = object()
 

@@ -242,3 +242,15 @@ def test_cancel_during_a_chunked_prefill_frees_the_slot() -> None:
 def test_step_budget_validation() -> None:
     with pytest.raises(ValueError, match="max_step_tokens=0"):
         Scheduler(eos_ids=set(), max_step_tokens=0)
+
+
+def test_waiting_events_are_merged_into_one_response() -> None:
+    import queue
+
+    from coordinator.server import _coalesce
+
+    q: queue.Queue = queue.Queue()
+    for ev in (Event([1], "a"), Event([2], "b"), Event([3], "c", "length"), Event([9], "late")):
+        q.put(ev)
+    assert _coalesce(q) == Event([1, 2, 3], "abc", "length")  # stops at the final event
+    assert _coalesce(q) == Event([9], "late")
