@@ -6,7 +6,7 @@ greedy tokens (EOS ignored); throughput = all generated tokens / wall time. With
 flight a stage idles while the other computes; with two, both work at once.
 
     .venv/bin/python scripts/bench_microbatch.py                       # C=16, N=64, micro-batches 1 and 2
-    .venv/bin/python scripts/bench_microbatch.py --concurrency 32 --new-tokens 32
+    .venv/bin/python scripts/bench_microbatch.py --concurrency 32 --new-tokens 32 --micro-batches 1,2,3
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def measure(model_dir: str, micro_batches: int, args: argparse.Namespace) -> dic
     nodes = [NodeSpec(devices="cpu", model_dir=model_dir, taskset=str(cores[i % len(cores)])) for i in range(2)]
     coordinator_args = ["--stages", "2", "--micro-batches", str(micro_batches), "--slots", str(args.concurrency),
                         "--max-seq-len", "512"]
+    if args.max_step_tokens:
+        coordinator_args += ["--max-step-tokens", str(args.max_step_tokens)]
     with tempfile.TemporaryDirectory() as work, LocalCluster(work, model=model_dir, nodes=nodes,
                                                              coordinator_args=coordinator_args) as cluster:
         with TensorfleetClient(cluster.address) as client:
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--micro-batches", default="1,2",
+                   help="comma-separated steps-in-flight settings; each is compared with the first (default 1,2)")
+    p.add_argument("--max-step-tokens", type=int, default=None, help="coordinator --max-step-tokens")
     p.add_argument("--out", default="out/bench_microbatch.json")
     args = p.parse_args(argv)
     if str(REPO) not in sys.path:
@@ -61,20 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     from engine.model_source import resolve_model
 
     model_dir = str(resolve_model(args.model).path)
+    try:
+        settings = [int(x) for x in args.micro_batches.split(",")]
+    except ValueError:
+        settings = []
+    if not settings or min(settings) < 1:
+        p.error(f"--micro-batches {args.micro_batches!r} must be comma-separated integers >= 1")
     results = []
-    for mb in (1, 2):
+    for mb in settings:
         print(f"micro-batches in flight: {mb} ...", file=sys.stderr, flush=True)
         results.append(measure(model_dir, mb, args))
         r = results[-1]
         print(f"  {r['tokens']} tokens in {r['seconds']:.1f} s: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    ratio = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
-    print(f"2 stages (one core each), {args.concurrency} concurrent requests x {args.new_tokens} tokens: "
-          f"1 micro-batch {results[0]['tokens_per_s']:.1f} tokens/s, 2 micro-batches "
-          f"{results[1]['tokens_per_s']:.1f} tokens/s: {ratio:.2f}x")
+    base = results[0]["tokens_per_s"]
+    print(f"2 stages (one core each), {args.concurrency} concurrent requests x {args.new_tokens} tokens:")
+    for r in results:
+        r["ratio"] = r["tokens_per_s"] / base
+        print(f"  {r['micro_batches']} micro-batch(es) in flight: {r['tokens_per_s']:.1f} tokens/s, {r['ratio']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "ratio": ratio, "concurrency": args.concurrency,
-                               "new_tokens": args.new_tokens}, indent=2) + "\n")
+    out.write_text(json.dumps({"results": results, "concurrency": args.concurrency, "new_tokens": args.new_tokens,
+                               "max_step_tokens": args.max_step_tokens}, indent=2) + "\n")
     return 0
 
 

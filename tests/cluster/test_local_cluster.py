@@ -185,3 +185,21 @@ def test_executors_exit_when_their_node_daemon_is_killed(tmp_path: Path) -> None
                   for p in executors):
             assert time.monotonic() < deadline, "executors outlived their daemon"
             time.sleep(0.2)
+
+
+def test_a_disconnected_client_frees_its_slot_at_once(cluster: LocalCluster) -> None:
+    import time
+
+    with TensorfleetClient(cluster.address) as client:
+        stream = client.generate_stream(PROMPTS[2], max_tokens=450, ignore_eos=True)  # 15+ s if never cancelled
+        next(stream)
+        next(stream)
+        busy = client.status()
+        assert busy.requests_running == 1 and busy.slots_free == busy.max_batch_size - 1
+        stream.close()  # the client goes away mid-generation
+        deadline = time.monotonic() + 10
+        while (status := client.status()).slots_free != status.max_batch_size:
+            assert time.monotonic() < deadline, f"the slot was not freed: {status}"
+            time.sleep(0.05)
+        assert status.requests_running == 0
+        assert client.generate(PROMPTS[0], max_tokens=4).completion_tokens == 4  # and the cluster serves on
