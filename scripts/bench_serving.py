@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=None, help="local cluster: longest sequence (default 512)")
     p.add_argument("--pin", action="store_true", help="local cluster: taskset node i to core i")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="cluster and baseline dtype (default float32)")
+    p.add_argument("--baseline-dtype", default=None, choices=DTYPES,
+                   help="run the transformers baseline in another dtype than the cluster (default: --dtype)")
     p.add_argument("--concurrency", default=None, help="closed-loop levels (default 1,8,32)")
     p.add_argument("--requests-per-level", type=int, default=None, help="requests per level (default 2*C, >= C)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64)")
@@ -348,7 +350,8 @@ def run_baseline(model_dir: Path, tokenizer: Any, args: argparse.Namespace) -> d
 
     b, n = args.baseline_batch, args.max_tokens
     prompts = [encode_like_coordinator(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(b)]
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+    dtype = args.baseline_dtype or args.dtype
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     width = max(len(p) for p in prompts)
@@ -371,7 +374,8 @@ def run_baseline(model_dir: Path, tokenizer: Any, args: argparse.Namespace) -> d
         log(f"baseline: run {k + 1}/{args.baseline_repeats}: {wall:.2f} s")
     generated = [row if args.ignore_eos else row[:row.index(eos) + 1] if eos in row else row for row in rows]
     tokens = sum(len(r) for r in generated)
-    result = {"batch": b, "max_tokens": n, "walls_s": walls, "wall_s": statistics.median(walls), "tokens": tokens,
+    result = {"batch": b, "max_tokens": n, "dtype": dtype, "walls_s": walls, "wall_s": statistics.median(walls),
+              "tokens": tokens,
               "threads": torch.get_num_threads(), "prompt_tokens": [len(p) for p in prompts], "eos_token_id": eos,
               "token_ids": generated[:len(PROMPTS)]}
     result["tokens_per_s"] = tokens / result["wall_s"]
@@ -584,7 +588,8 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"after the run the coordinator reports {idle['running']} running, {idle['waiting']} waiting")
     b = result["baseline"]
     if b:
-        print(f"baseline: transformers generate B={b['batch']}: {b['tokens_per_s']:.1f} tok/s (median of "
+        print(f"baseline: transformers generate B={b['batch']} {b.get('dtype', s['dtype'])}: "
+              f"{b['tokens_per_s']:.1f} tok/s (median of "
               f"{len(b['walls_s'])}, {b['threads']} threads)")
         print(f"ratio: cluster tok/s at concurrency {b['batch']} / transformers = "
               f"{result['ratio_cluster_over_transformers']:.2f}x")
