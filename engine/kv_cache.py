@@ -93,12 +93,14 @@ class KVCache:
         self.k[layer, slot, :, start:stop] = k
         self.v[layer, slot, :, start:stop] = v
 
-    def read(self, layer: int, slots: torch.Tensor | int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, slots: torch.Tensor | int | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` positions: [B, kv_heads, length, head_dim].
 
-        Reads only the filled part; a single slot is a view, no copy.
+        Reads only the filled part; a single slot, or every slot (``slots=None``), is a view, no copy.
         """
         k, v = self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+        if slots is None:
+            return k, v
         if isinstance(slots, int):
             return k[slots: slots + 1], v[slots: slots + 1]
         return k.index_select(0, slots), v.index_select(0, slots)
