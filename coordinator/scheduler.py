@@ -41,6 +41,8 @@ class Event:
 
 @dataclass(frozen=True)
 class Load:
+    running: int
+    waiting: int
     slots: int
     slots_free: int
     micro_batches: int
@@ -65,6 +67,18 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def todo(self) -> int:
+        """Tokens the slot does not hold yet (1 while decoding), counted without building ``tokens``."""
+        return len(self.prompt) + len(self.output) - self.cached
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The ``n`` tokens after the cached ones: a prompt chunk, or the last sampled token."""
+        start, split = self.cached, len(self.prompt)
+        if start >= split:
+            return self.output[start - split:start - split + n]
+        return self.prompt[start:start + n] + self.output[:max(0, start + n - split)]
 
 
 class Scheduler:
@@ -123,7 +137,8 @@ class Scheduler:
 
     def load(self) -> Load:
         with self.cv:
-            return Load(slots=self.num_slots, slots_free=len(self.free_slots), micro_batches=self.micro_batches,
+            return Load(running=len(self.running), waiting=len(self.waiting), slots=self.num_slots,
+                        slots_free=len(self.free_slots), micro_batches=self.micro_batches,
                         steps_in_flight=self.steps_in_flight)
 
     def stop(self) -> None:
@@ -167,11 +182,11 @@ class Scheduler:
         budget = self.max_step_tokens
         rows = []
         for req in idle:
-            if len(rows) < group and budget > 0 and len(req.tokens) - req.cached == 1:
+            if len(rows) < group and budget > 0 and req.todo == 1:
                 rows.append((req, 1))
                 budget -= 1
         for req in idle:
-            todo = len(req.tokens) - req.cached
+            todo = req.todo
             if len(rows) < group and budget > 0 and todo > 1:
                 rows.append((req, min(todo, budget)))
                 budget -= rows[-1][1]
@@ -181,7 +196,7 @@ class Scheduler:
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
         for req, n in step:
             msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
-                              token_ids=req.tokens[req.cached:req.cached + n], sampling=sampling_to_proto(req.params),
+                              token_ids=req.next_tokens(n), sampling=sampling_to_proto(req.params),
                               seed=req.seed)
         try:
             future = submit_fn(msg)
@@ -208,7 +223,7 @@ class Scheduler:
             else:
                 for (req, n), tok in zip(step, result.tokens, strict=True):
                     req.cached += n
-                    if req.cached == len(req.tokens):  # else a prompt chunk: its sampled token is not used
+                    if req.todo == 0:  # else a prompt chunk: its sampled token is not used
                         self._accept(req, tok.token_id)
                     elif req.cancelled:
                         self._finish(req, "cancelled")

@@ -129,7 +129,6 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
     # -------------------------------------------------------------------------------------- status
     def Status(self, request, context):  # noqa: ANN001, ANN201, N802
-        running, waiting = self.scheduler.counts()
         load = self.scheduler.load()
         now = time.monotonic()
         with self.lock:
@@ -138,7 +137,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                      for m in self.members.values()]
             return coordinator_pb2.StatusResponse(epoch=common_pb2.PlacementEpoch(value=self.epoch),
                                                   model=self.model_name, nodes=nodes, stages=self.stages,
-                                                  requests_running=running, requests_waiting=waiting,
+                                                  requests_running=load.running, requests_waiting=load.waiting,
                                                   max_batch_size=load.slots, slots_free=load.slots_free,
                                                   max_step_tokens=self.scheduler.max_step_tokens,
                                                   micro_batches=load.micro_batches, max_queue=self.scheduler.max_queue)
