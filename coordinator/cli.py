@@ -78,8 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=2048,
                        help="longest sequence (prompt + generated) (default: %(default)s)")
-    start.add_argument("--heartbeat-ms", type=_positive_int, default=500,
+    start.add_argument("--heartbeat-ms", type=_positive_int, default=defaults.HEARTBEAT_INTERVAL_MS,
                        help="heartbeat interval in ms (default: %(default)s)")
+    start.add_argument("--heartbeat-timeout-ms", type=_positive_int, default=defaults.HEARTBEAT_TIMEOUT_MS,
+                       help="a node silent this long is declared failed and its layers re-placed "
+                            "(default: %(default)s)")
+    start.add_argument("--capacity-wait", type=float, default=defaults.CAPACITY_WAIT_S, metavar="SECONDS",
+                       help="while the nodes left cannot hold the model, requests wait this long for a node to "
+                            "join, then fail with UNAVAILABLE (default: %(default)s)")
     return parser
 
 
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                    max_queue=args.max_queue,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
-                                   heartbeat_timeout_ms=4 * args.heartbeat_ms)
+                                   heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+                                   capacity_wait_s=args.capacity_wait)
         server, coordinator = serve(config)
     except TensorfleetError as e:
         print(f"coordinator: error: {e}", file=sys.stderr)
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     except KeyboardInterrupt:
         pass
-    coordinator.scheduler.stop()
+    coordinator.stop()
     server.stop(grace=2)
     return 0
 

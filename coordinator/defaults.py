@@ -5,3 +5,9 @@ KV_MEMORY_FRACTION = 0.5  # of each device's free memory beside its weights, for
 MAX_SLOTS = 64  # bound on the sequence slots derived from memory
 MAX_STEP_TOKENS = 256  # tokens per step: decode rows plus prompt chunks
 MAX_QUEUE = 1024  # requests waiting for a slot before new ones are refused
+# Failure detection: a node whose heartbeats stop for HEARTBEAT_TIMEOUT_MS is declared failed and its
+# layers are re-placed. Sub-second values are allowed; too short a timeout on a loaded machine re-places
+# healthy nodes (harmless to outputs, costly in time).
+HEARTBEAT_INTERVAL_MS = 250
+HEARTBEAT_TIMEOUT_MS = 1000
+CAPACITY_WAIT_S = 60.0  # without a placement (too few nodes left), requests wait this long, then fail

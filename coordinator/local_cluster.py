@@ -1,12 +1,17 @@
 """Start a coordinator and nodes as real processes on this machine (loopback), through the public CLIs.
 
-Used by `make run`, the cluster tests and the benchmarks. Each process's output goes to a log file in
-``workdir``; ``stop()`` terminates them all (also on errors while starting).
+Used by `make run`, the cluster tests, the fault tests and the benchmarks. Each process's output goes to a
+log file in ``workdir``. Every process starts in its own session, so a signal sent with ``signal_node``
+(SIGSTOP, SIGKILL) reaches a node and the executor processes it spawned; ``stop()`` terminates every
+process group, stopped ones included (also on errors while starting). For fault tests a node can run in
+a network namespace (``NodeSpec.netns``, listening on ``NodeSpec.host``) with the coordinator listening
+on an address the namespaces reach (``LocalCluster(host=...)``): see tests/faults/netns.py.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,43 +27,49 @@ class NodeSpec:
     model_dir: str | None = None  # None: fetch weights from the coordinator
     cache_dir: str | None = None
     taskset: str | None = None  # pin the node to CPUs, e.g. "0" or "1"
+    netns: str | None = None  # run the node under `ip netns exec <netns>`
+    host: str | None = None  # the address the node listens on and advertises (node.cli join --host)
     env: dict[str, str] = field(default_factory=dict)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class LocalCluster:
     def __init__(self, workdir: str | Path, *, model: str | None = None, nodes: list[NodeSpec],
-                 coordinator_args: list[str] | None = None, port: int | None = None) -> None:
+                 coordinator_args: list[str] | None = None, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model, self.node_specs = model, nodes
         self.coordinator_args = coordinator_args or []
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port(host)
+        self.address = f"{host}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, name: str, args: list[str], *, taskset: str | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
+               env: dict[str, str] | None = None, netns: str | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-u", *args]
         if taskset:
             cmd = ["taskset", "-c", taskset, *cmd]
+        if netns:  # `ip netns exec` and taskset both exec the next program: the pid stays the Python process's
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         repo = Path(__file__).resolve().parents[1]
         # A checkout that is not pip-installed still runs: the packages and the generated stubs by path.
         path = os.pathsep.join(p for p in (str(repo), str(repo / "proto"), os.environ.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": path, **(env or {})})
         self.procs[name] = proc
         return proc
 
     def start(self, *, timeout_s: float = 300.0) -> LocalCluster:
         try:
-            args = ["-m", "coordinator.cli", "start", "--port", str(self.port),
+            args = ["-m", "coordinator.cli", "start", "--host", self.host, "--port", str(self.port),
                     "--min-nodes", str(len(self.node_specs)), *self.coordinator_args]
             if self.model:
                 args += ["--model", self.model]
@@ -78,7 +89,9 @@ class LocalCluster:
             args += ["--model-dir", spec.model_dir]
         if spec.cache_dir:
             args += ["--cache-dir", spec.cache_dir]
-        return self._spawn(name, args, taskset=spec.taskset, env=spec.env)
+        if spec.host:
+            args += ["--host", spec.host]
+        return self._spawn(name, args, taskset=spec.taskset, env=spec.env, netns=spec.netns)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the coordinator reports a complete placement (or a process dies, or time runs out)."""
@@ -105,19 +118,67 @@ class LocalCluster:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def pid(self, name: str) -> int:
+        """The process id of ``name`` ("coordinator", "node0", ...); also the id of its process group."""
+        return self.procs[name].pid
+
+    def signal_node(self, name: str, sig: int) -> None:
+        """Send ``sig`` to the process group of ``name``: the node and the executors it spawned."""
+        os.killpg(self.pid(name), sig)
+
     def stop(self) -> None:
+        """Terminate every process and its group: the daemons first (they stop their executors), then
+        whatever of each group is left; a stopped (SIGSTOP) group is continued so that it can exit."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
+                _signal_group(proc.pid, signal.SIGCONT)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
+        leftover = [proc.pid for proc in self.procs.values() if _group_alive(proc.pid)]
+        for pgid in leftover:
+            _signal_group(pgid, signal.SIGTERM)
+            _signal_group(pgid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while any(_group_alive(pgid) for pgid in leftover) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pgid in leftover:
+            _signal_group(pgid, signal.SIGKILL)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which another parent reaps, do not count)."""
+    if not os.path.isdir("/proc/self"):  # not Linux: a zombie counts as running
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            return True
+    return False

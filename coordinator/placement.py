@@ -380,6 +380,13 @@ def _moves(plan: Plan, owners: list[frozenset | None]) -> int:
     return sum(owners[layer] != frozenset(s.members) for s in plan.stages for layer in range(s.start, s.end))
 
 
+def layers_moved(before: Plan | None, after: Plan, num_layers: int) -> int:
+    """Layers that ``after`` puts on a different device group than ``before`` (all of them without one)."""
+    if before is None:
+        return sum(s.num_layers for s in after.stages)
+    return _moves(after, _owners(before, num_layers))
+
+
 def _least_moves(model: ModelProfile, seq: Sequence[_Unit], max_cost: float,
                  owners: list[frozenset | None]) -> Plan | None:
     """Split the layers over ``seq`` (in order) moving the fewest layers, each stage within the time bound
@@ -478,7 +485,7 @@ def plan_placement(devices: Sequence[DeviceCapacity], model: ModelProfile, *, ma
 
     With ``prefer`` (the previous plan, e.g. after a failure), among plans within PREFER_TOLERANCE of the
     best step time the one that moves the fewest layers (to a different device set) wins.
-    ``num_stages`` forces exactly that many stages (``prefer`` is then ignored).
+    ``num_stages`` forces exactly that many stages (``prefer`` then picks among plans of that many).
     Raises PlacementError when nothing fits, ValueError on invalid input.
     """
     _validate(devices, max_tp)
@@ -487,7 +494,14 @@ def plan_placement(devices: Sequence[DeviceCapacity], model: ModelProfile, *, ma
     units, starts = _candidate_units(devices, model, max_tp)
     search = _Search(units, starts, model)
     if num_stages is not None:
-        return _exactly(model, units, search, num_stages)
+        best = _exactly(model, units, search, num_stages)
+        if prefer is None:
+            return best
+        owners = _owners(prefer, model.num_layers)
+        orders = [seq for seq in _repairs(prefer, devices, units, model, max_tp) if len(seq) == num_stages]
+        max_cost = best.est_step_time_s * (1 + PREFER_TOLERANCE)
+        options = [best] + [p for seq in orders if (p := _least_moves(model, seq, max_cost, owners)) is not None]
+        return min(options, key=lambda p: (_moves(p, owners), p.est_step_time_s))
     found = search.run(PREFER_TOLERANCE if prefer is not None else 0.0)
     if not found:
         raise _infeasible(devices, model, search)

@@ -10,6 +10,14 @@ Up to ``micro_batches`` steps are in flight at once (one per pipeline stage keep
 running requests are split into groups, each group's next step leaves as soon as its previous one
 returns, and a request is never in two steps at once (its next input is the token the previous step
 sampled). A finished or cancelled request frees its slot at once.
+
+Failover: ``pause`` detaches the pipeline and puts every running request back at the head of the queue
+with the tokens it has generated; the next pipeline (``set_pipeline``) replays each as one prompt (its
+prompt plus those tokens) and it continues where it was. Sampling is a function of the request's seed
+and the token position, so the continuation equals what an undisturbed run would have produced. Steps
+of an older pipeline that still return are ignored (a generation counter fences them). A step that
+fails holds the pipeline and asks ``on_step_error`` whether a node is gone (then the coordinator fails
+over) or the step itself was bad (then ``fail_held`` ends its requests with the error).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class Request:
     cached: int = 0  # tokens whose k/v the slot holds (or will, once the step in flight returns)
     cancelled: bool = False
     in_flight: bool = False
+    held_error: str | None = None  # its step failed; it waits for the coordinator's verdict
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -83,7 +92,8 @@ class Request:
 
 class Scheduler:
     def __init__(self, *, eos_ids: set[int], max_queue: int = defaults.MAX_QUEUE,
-                 max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> None:
+                 max_step_tokens: int = defaults.MAX_STEP_TOKENS,
+                 on_step_error: Callable[[str], None] | None = None) -> None:
         if max_queue < 0 or max_step_tokens < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 0 and max_step_tokens={max_step_tokens} >= 1")
         self.eos_ids = eos_ids
@@ -99,6 +109,10 @@ class Scheduler:
         self.num_slots = 0
         self.free_slots: list[int] = []
         self.step_ids = itertools.count(1)
+        self.generation = 0  # bumped by pause(): results of older steps are ignored
+        self.on_step_error = on_step_error
+        self.holding = False  # a step failed: nothing is sent until the coordinator decides
+        self.unavailable_since: float | None = time.monotonic()  # no pipeline since
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -113,7 +127,61 @@ class Scheduler:
             self.submit_fn, self.epoch, self.micro_batches = submit_fn, epoch, micro_batches
             self.num_slots = num_slots
             self.free_slots = list(range(num_slots - 1, -1, -1))
+            self.unavailable_since = None
             self.cv.notify_all()
+
+    def pause(self, *, drain_s: float = 0.0) -> int:
+        """Detach the pipeline; running requests go back to the head of the queue, to be replayed.
+
+        ``drain_s`` > 0 first waits (up to that long) for the steps in flight to return, so that their
+        tokens count (a graceful drain); after a failure their results are lost anyway. Returns how many
+        requests will be replayed.
+        """
+        with self.cv:
+            self.holding = True  # no new step from here on
+            deadline = time.monotonic() + drain_s
+            while self.steps_in_flight and (left := deadline - time.monotonic()) > 0:
+                self.cv.wait(left)
+            self.generation += 1
+            self.submit_fn, self.steps_in_flight, self.holding = None, 0, False
+            self.num_slots, self.free_slots = 0, []
+            if self.unavailable_since is None:
+                self.unavailable_since = time.monotonic()
+            replay = []
+            for req in sorted(self.running, key=lambda r: r.arrival):
+                req.in_flight, req.held_error = False, None
+                if req.cancelled:
+                    req.events.put(Event([], req.detok.finish(), "cancelled"))
+                    continue
+                req.slot, req.cached = -1, 0
+                replay.append(req)
+            self.running = []
+            self.waiting.extendleft(reversed(replay))
+            self.cv.notify_all()
+            return len(replay)
+
+    def fail_held(self, error: str) -> None:
+        """The failed step was bad, not a node: end its requests with ``error`` and go on."""
+        with self.cv:
+            for req in [r for r in self.running if r.held_error is not None]:
+                req.events.put(Event([], "", "error", error=f"the pipeline failed: {req.held_error or error}"))
+                self._release(req)
+            self.holding = False
+            self.cv.notify_all()
+
+    def expire_waiting(self, deadline_s: float, reason: str) -> int:
+        """While no pipeline serves, fail the requests that waited longer than ``deadline_s`` (counted
+        from their arrival or from when service stopped, whichever is later). Returns how many."""
+        with self.cv:
+            if self.submit_fn is not None or self.unavailable_since is None:
+                return 0
+            now = time.monotonic()
+            expired = [r for r in self.waiting if now - max(r.arrival, self.unavailable_since) > deadline_s]
+            for req in expired:
+                self.waiting.remove(req)
+                req.events.put(Event([], "", "error", error=f"no capacity to serve it for {deadline_s:g} s: "
+                                                           f"{reason}"))
+            return len(expired)
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -158,8 +226,8 @@ class Scheduler:
                 for req, _ in step:
                     req.in_flight = True
                 self.steps_in_flight += 1
-                submit_fn, epoch = self.submit_fn, self.epoch
-            self._send(step, submit_fn, epoch)
+                submit_fn, epoch, generation = self.submit_fn, self.epoch, self.generation
+            self._send(step, submit_fn, epoch, generation)
 
     def _next_step(self) -> list[tuple[Request, int]] | None:
         """The next step to send as (request, new tokens) rows, or None. Called with the lock held.
@@ -167,7 +235,7 @@ class Scheduler:
         A group holds about 1/micro_batches of the running requests, so the groups stay balanced; its
         decode rows come first, then prompt chunks within what is left of the token budget.
         """
-        if self.submit_fn is None or self.steps_in_flight >= self.micro_batches:
+        if self.submit_fn is None or self.holding or self.steps_in_flight >= self.micro_batches:
             return None
         for req in [r for r in self.running if r.cancelled and not r.in_flight]:
             self._finish(req, "cancelled")
@@ -175,7 +243,7 @@ class Scheduler:
             req = self.waiting.popleft()
             req.slot, req.cached = self.free_slots.pop(), 0
             self.running.append(req)
-        idle = [r for r in self.running if not r.in_flight]
+        idle = [r for r in self.running if not r.in_flight and r.held_error is None]
         if not idle:
             return None
         group = -(-len(self.running) // self.micro_batches)  # ceil
@@ -192,7 +260,7 @@ class Scheduler:
                 budget -= rows[-1][1]
         return rows
 
-    def _send(self, step: list[tuple[Request, int]], submit_fn, epoch: int) -> None:  # noqa: ANN001
+    def _send(self, step: list[tuple[Request, int]], submit_fn, epoch: int, generation: int) -> None:  # noqa: ANN001
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
         for req, n in step:
             msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
@@ -203,23 +271,32 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - reported like a failed step
             future = Future()
             future.set_exception(e)
-        future.add_done_callback(lambda f: self._on_result(step, msg.step_id, f))
+        future.add_done_callback(lambda f: self._on_result(step, msg.step_id, generation, f))
 
-    def _on_result(self, step: list[tuple[Request, int]], step_id: int, future: Future) -> None:
+    def _on_result(self, step: list[tuple[Request, int]], step_id: int, generation: int, future: Future) -> None:
         try:
             result = future.result()
             error = result.error or None
         except Exception as e:  # noqa: BLE001 - every request of the step learns why it failed
             result, error = None, str(e) or type(e).__name__
         with self.cv:
+            if generation != self.generation:  # a step of a pipeline that is gone: replayed elsewhere
+                return
             self.steps_in_flight -= 1
             for req, _ in step:
                 req.in_flight = False
             if error is not None:
                 print(f"[coordinator] step {step_id} failed: {error}", file=sys.stderr, flush=True)
-                for req, _ in step:
-                    req.events.put(Event([], "", "error", error=error))
-                    self._release(req)
+                if self.on_step_error is None:
+                    for req, _ in step:
+                        req.events.put(Event([], "", "error", error=f"the pipeline failed: {error}"))
+                        self._release(req)
+                else:  # hold everything until the coordinator knows whether a node is gone
+                    for req, _ in step:
+                        req.held_error = error
+                    if not self.holding:
+                        self.holding = True
+                        threading.Thread(target=self.on_step_error, args=(error,), daemon=True).start()
             else:
                 for (req, n), tok in zip(step, result.tokens, strict=True):
                     req.cached += n

@@ -1,4 +1,6 @@
-"""The coordinator (`coordinator start`): membership, placement, the scheduler and the client API.
+"""The coordinator (`coordinator start`): the gRPC surface over membership and placement (``Placer``),
+the scheduler and the client API, plus the standard gRPC health service (SERVING only while a complete
+placement is in force).
 
 RPC handlers are thin: they convert protobuf to domain types and call plain code.
 """
@@ -7,25 +9,24 @@ from __future__ import annotations
 
 import json
 import queue
-import sys
-import threading
 import time
 import uuid
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import defaults
-from coordinator.capacity import choose_slots, stage_capacities
+from coordinator.placer import Placer, log
 from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
-from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS, StageStream
-from node.wire import dtype_to_proto, sampling_from_proto
-from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
+from node.stream import SERVER_OPTIONS
+from node.wire import sampling_from_proto
+from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 FINISH = {"stop": coordinator_pb2.FINISH_REASON_STOP, "length": coordinator_pb2.FINISH_REASON_LENGTH,
           "cancelled": coordinator_pb2.FINISH_REASON_CANCELLED}
@@ -46,23 +47,20 @@ class CoordinatorConfig:
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
     max_seq_len: int = 2048
-    heartbeat_interval_ms: int = 500
-    heartbeat_timeout_ms: int = 2000
+    heartbeat_interval_ms: int = defaults.HEARTBEAT_INTERVAL_MS
+    heartbeat_timeout_ms: int = defaults.HEARTBEAT_TIMEOUT_MS
+    capacity_wait_s: float = defaults.CAPACITY_WAIT_S  # without a placement, requests wait this long
     cache_dir: str | None = None
 
-
-@dataclass
-class Member:
-    node_id: str
-    info: common_pb2.NodeInfo
-    stub: node_pb2_grpc.NodeStub
-    last_seen: float = field(default_factory=time.monotonic)
-    state: int = coordinator_pb2.NODE_STATE_IDLE
+    def __post_init__(self) -> None:
+        if not 10 <= self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
+            raise TensorfleetError(f"heartbeat interval {self.heartbeat_interval_ms} ms must be at least 10 ms and "
+                                   f"below the timeout ({self.heartbeat_timeout_ms} ms)")
+        if self.capacity_wait_s < 0:
+            raise TensorfleetError(f"capacity wait {self.capacity_wait_s} s must be >= 0")
 
 
-def log(msg: str) -> None:
-    print(f"[coordinator] {msg}", file=sys.stderr, flush=True)
-
+SERVICE_NAME = "tensorfleet.v1.Coordinator"
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig) -> None:
@@ -84,37 +82,51 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.health = health.HealthServicer()
+        self._set_serving(False)
         self.scheduler = Scheduler(eos_ids=self.eos_ids, max_queue=config.max_queue,
-                                   max_step_tokens=config.max_step_tokens)
-        self.lock = threading.RLock()
-        self.members: dict[str, Member] = {}
-        self.epoch = 0
-        self.stages: list[coordinator_pb2.StageInfo] = []
-        self.stream: StageStream | None = None
-        self.placing = threading.Lock()
+                                   max_step_tokens=config.max_step_tokens,
+                                   on_step_error=lambda error: self.placer.on_step_error(error))
+        self.placer = Placer(config=config, hf_config=self.hf_config, model_name=self.model_name,
+                             scheduler=self.scheduler, set_serving=self._set_serving)
+
+    def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def stop(self) -> None:
+        self.placer.stop()
+        self.scheduler.stop()
+        self.health.enter_graceful_shutdown()
 
     # ------------------------------------------------------------------------------- membership RPCs
     def Join(self, request, context):  # noqa: ANN001, ANN201, N802
         info = request.node
         if not info.address or not info.devices:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a joining node must give its address and devices")
-        node_id = f"{info.name or 'node'}-{uuid.uuid4().hex[:6]}"
-        channel = grpc.insecure_channel(info.address, options=CHANNEL_OPTIONS)
-        with self.lock:
-            self.members[node_id] = Member(node_id, info, node_pb2_grpc.NodeStub(channel))
-        log(f"{node_id} joined from {info.address} with {len(info.devices)} device(s)")
-        threading.Thread(target=self._maybe_place, daemon=True).start()
-        return coordinator_pb2.JoinResponse(node_id=node_id, heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+        member = self.placer.join(info)
+        return coordinator_pb2.JoinResponse(node_id=member.node_id,
+                                            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
                                             heartbeat_timeout_ms=self.config.heartbeat_timeout_ms,
-                                            epoch=common_pb2.PlacementEpoch(value=self.epoch))
+                                            epoch=common_pb2.PlacementEpoch(value=self.placer.epoch))
 
     def Heartbeat(self, request, context):  # noqa: ANN001, ANN201, N802
-        with self.lock:
-            member = self.members.get(request.node_id)
-            if member is not None:
-                member.last_seen = time.monotonic()
-        return coordinator_pb2.HeartbeatResponse(epoch=common_pb2.PlacementEpoch(value=self.epoch),
-                                                 rejoin=member is None)
+        seen = self.placer.membership.heartbeat(request.node_id)
+        return coordinator_pb2.HeartbeatResponse(epoch=common_pb2.PlacementEpoch(value=self.placer.epoch),
+                                                 rejoin=seen == "unknown", leave=seen == "left")
+
+    def Leave(self, request, context):  # noqa: ANN001, ANN201, N802
+        from coordinator.placement import PlacementError
+
+        try:
+            member = self.placer.leave(request.node)
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        except PlacementError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot drain {request.node}: {e}")
+        return coordinator_pb2.LeaveResponse(node_id=member.node_id,
+                                             epoch=common_pb2.PlacementEpoch(value=self.placer.epoch))
 
     def GetManifest(self, request, context):  # noqa: ANN001, ANN201, N802
         return self.manifest
@@ -131,16 +143,23 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def Status(self, request, context):  # noqa: ANN001, ANN201, N802
         load = self.scheduler.load()
         now = time.monotonic()
-        with self.lock:
-            nodes = [coordinator_pb2.NodeStatus(node_id=m.node_id, info=m.info, state=m.state,
-                                                last_heartbeat_age_s=now - m.last_seen)
-                     for m in self.members.values()]
-            return coordinator_pb2.StatusResponse(epoch=common_pb2.PlacementEpoch(value=self.epoch),
-                                                  model=self.model_name, nodes=nodes, stages=self.stages,
+        placer, membership = self.placer, self.placer.membership
+        nodes = [coordinator_pb2.NodeStatus(node_id=m.node_id, info=m.info, state=m.state,
+                                            last_heartbeat_age_s=now - m.last_seen) for m in membership.snapshot()]
+        with membership.lock:
+            changes = [coordinator_pb2.PlacementChange(
+                epoch=common_pb2.PlacementEpoch(value=c.epoch), kind=c.kind, nodes=c.nodes, reason=c.reason,
+                detected_at=c.detected_at, resumed_at=c.resumed_at, requests_replayed=c.requests_replayed,
+                layers_moved=c.layers_moved) for c in membership.changes]
+        with placer.lock:
+            return coordinator_pb2.StatusResponse(epoch=common_pb2.PlacementEpoch(value=placer.epoch),
+                                                  model=self.model_name, nodes=nodes, stages=placer.stages,
                                                   requests_running=load.running, requests_waiting=load.waiting,
                                                   max_batch_size=load.slots, slots_free=load.slots_free,
                                                   max_step_tokens=self.scheduler.max_step_tokens,
-                                                  micro_batches=load.micro_batches, max_queue=self.scheduler.max_queue)
+                                                  micro_batches=load.micro_batches, max_queue=self.scheduler.max_queue,
+                                                  placement_changes=changes,
+                                                  unavailable_reason=placer.unavailable_reason)
 
     # ------------------------------------------------------------------------------------ Generate
     def Generate(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -156,7 +175,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         while True:
             ev = _coalesce(req.events)
             if ev.error:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"the pipeline failed: {ev.error}")
+                context.abort(grpc.StatusCode.UNAVAILABLE, ev.error)
             resp = coordinator_pb2.GenerateResponse(request_id=req.request_id, token_ids=ev.token_ids,
                                                     text_delta=ev.text)
             if ev.finish_reason:
@@ -188,70 +207,6 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         return Request(request_id=request.request_id or uuid.uuid4().hex, prompt=ids, params=params,
                        seed=resolve_seed(params), detok=IncrementalDetokenizer(self.tokenizer, params.stop))
 
-    # ----------------------------------------------------------------------------------- placement
-    def _maybe_place(self) -> None:
-        with self.placing:
-            with self.lock:
-                if self.stages or len(self.members) < self.config.min_nodes:
-                    return
-                members = list(self.members.values())
-            try:
-                self._place(members)
-            except (TensorfleetError, grpc.RpcError) as e:
-                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
-                log(f"no placement yet: {detail}")
-
-    def _place(self, members: list[Member]) -> None:
-        from coordinator.placement import DeviceCapacity, plan_placement, profile_from_config
-        from engine.stage import parse_dtype
-
-        dtype = parse_dtype(self.config.dtype)
-        devices = [DeviceCapacity(node_id=m.node_id, device_index=d.index,
-                                  kind="cuda" if d.kind == common_pb2.DEVICE_KIND_CUDA else "cpu",
-                                  free_memory_bytes=d.free_memory_bytes, matmul_flops=d.matmul_flops,
-                                  memory_bandwidth=d.memory_bandwidth_bytes_per_s)
-                   for m in members for d in m.info.devices]
-        profile = profile_from_config(self.hf_config, dtype_bytes=dtype.itemsize,
-                                      kv_reserve_tokens=(self.config.num_slots or 1) * self.config.max_seq_len)
-        plan = plan_placement(devices, profile, num_stages=self.config.num_stages)
-        capacities = stage_capacities(plan, devices, profile, max_seq_len=self.config.max_seq_len,
-                                      kv_memory_fraction=self.config.kv_memory_fraction)
-        num_slots = choose_slots(capacities, requested=self.config.num_slots, max_slots=self.config.max_slots)
-        epoch = self.epoch + 1
-        by_id = {m.node_id: m for m in members}
-        infos, next_address = [], ""
-        for index in range(len(plan.stages) - 1, -1, -1):  # last stage first: each needs the next's address
-            sp = plan.stages[index]
-            node_ids = {n for n, _ in sp.members}
-            if len(node_ids) != 1:
-                raise TensorfleetError("stages spanning nodes are not supported yet")
-            member = by_id[next(iter(node_ids))]
-            member.state = coordinator_pb2.NODE_STATE_LOADING
-            req = node_pb2.LoadStageRequest(
-                epoch=common_pb2.PlacementEpoch(value=epoch), model=self.model_name, stage_index=index,
-                num_stages=len(plan.stages), layers=common_pb2.LayerRange(start=sp.start, end=sp.end),
-                dtype=dtype_to_proto(dtype), group=node_pb2.TensorParallelGroup(world_size=len(sp.members)),
-                local_ranks=[node_pb2.LocalRank(device_index=d, tp_rank=r) for r, (_, d) in enumerate(sp.members)],
-                num_slots=num_slots, max_seq_len=self.config.max_seq_len,
-                next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED)
-            resp = member.stub.LoadStage(req, timeout=900)
-            member.state = coordinator_pb2.NODE_STATE_SERVING
-            next_address = resp.stage_address
-            infos.append(coordinator_pb2.StageInfo(
-                index=index, layers=req.layers, address=resp.stage_address, weight_bytes=resp.weight_bytes,
-                kv_cache_bytes=resp.kv_cache_bytes, num_slots=req.num_slots, slots_fit=capacities[index].slots_fit,
-                members=[coordinator_pb2.StageMember(node_id=n, device_index=d, tp_rank=r)
-                         for r, (n, d) in enumerate(sp.members)]))
-        stream = StageStream(next_address)
-        with self.lock:
-            self.epoch, self.stages, self.stream = epoch, list(reversed(infos)), stream
-        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=num_slots,
-                                    micro_batches=self.config.micro_batches or len(infos))
-        log(f"placement epoch {epoch}: batch capacity {num_slots} sequences of up to {self.config.max_seq_len} "
-            f"tokens; " + ", ".join(
-            f"stage {s.index} layers {s.layers.start}-{s.layers.end - 1} on "
-            + "+".join(f"{m.node_id}:{m.device_index}" for m in s.members) for s in self.stages))
-
 
 def _coalesce(events: queue.Queue) -> Event:
     """The next event, merged with those already waiting behind it: a client that reads slower than
@@ -273,9 +228,11 @@ def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
     workers = max(config.num_slots or 0, config.max_slots) + config.max_queue + 32
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)
     bound = server.add_insecure_port(f"{config.host}:{config.port}")
     if bound == 0:
         raise TensorfleetError(f"cannot listen on {config.host}:{config.port} (in use?)")
     server.start()
+    coordinator.placer.start_monitor()
     log(f"serving {coordinator.model_name} on {config.host}:{bound}; waiting for {config.min_nodes} node(s)")
     return server, coordinator

@@ -69,7 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
                            "coordinator")
     join.add_argument("--no-probe", action="store_true",
                       help="skip the capacity probe and report conservative estimates (quick local tests)")
+    leave = sub.add_parser("leave", help="drain a node: move its layers to the others, then stop it",
+                           description="Drain NODE (its id, or its name when unique): the coordinator moves its "
+                                       "layers to the other nodes (requests pause and continue with the same "
+                                       "output), then the node's daemon stops. Refused, with the node left "
+                                       "serving, when the other nodes cannot hold the model.")
+    leave.add_argument("coordinator", type=parse_address, metavar="HOST:PORT", help="the coordinator's address")
+    leave.add_argument("node", help="the node's id or name (see `tensorfleet status`)")
+    leave.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the drain (default: "
+                                                                    "%(default)s)")
     return parser
+
+
+def leave(args: argparse.Namespace) -> int:
+    import grpc
+
+    from tensorfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    with grpc.insecure_channel(args.coordinator) as channel:
+        try:
+            reply = coordinator_pb2_grpc.CoordinatorStub(channel).Leave(
+                coordinator_pb2.LeaveRequest(node=args.node), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"node: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{reply.node_id} drained; the cluster serves on under epoch {reply.epoch.value}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "leave":
+        return leave(args)
     from engine.errors import TensorfleetError
     from node.daemon import NodeConfig, NodeDaemon
 

@@ -1,5 +1,12 @@
 """The node daemon (`node join`): inventory and probe, join and heartbeats, and LoadStage, which starts one
 executor process per device of the stage it is given.
+
+Membership is kept alive by the daemon: when the coordinator no longer knows it (it was declared failed,
+or the coordinator restarted) it drops its stage and joins again as a new member, retrying with backoff
+for as long as it runs; when the coordinator says it has left (a drain), it stops. Its gRPC health
+service reports NOT_SERVING once an executor of its stage has died, which the coordinator's probe after
+a failed step reads as a failed node. A LoadStage that keeps the stage the executors already hold (same
+layers, devices, dtype and slots) only moves them to the new epoch and next hop: no reload.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.errors import TensorfleetError
 from node.executor import ExecutorSpec, executor_main
@@ -25,6 +33,8 @@ from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
 LOAD_TIMEOUT_S = 900.0
+CONFIGURE_TIMEOUT_S = 10.0
+REJOIN_BACKOFF_S = (0.2, 5.0)  # first and longest wait between join attempts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,38 +70,56 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.channel = grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.procs: list[mp.Process] = []
+        self.procs_lock = threading.Lock()
+        self.control = None  # the daemon's end of the pipe to the leader executor
+        self.stage_key: tuple | None = None  # what the running executors hold (see _reuse_key)
+        self.stage_response: node_pb2.LoadStageResponse | None = None
         self.node_id = ""
+        self.info: common_pb2.NodeInfo | None = None
         self.epoch = 0
         self.stop_event = threading.Event()
         self.load_lock = threading.Lock()
         self.server: grpc.Server | None = None
+        self.health = health.HealthServicer()
         self.address = ""
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if port == 0:
+            raise TensorfleetError(f"cannot listen on {self.config.host}:{self.config.port} (in use?)")
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.server.start()
         self.address = f"{self.config.host}:{port}"
-        info = self._node_info()
-        reply = self._join(info)
-        self.node_id = reply.node_id
+        self.info = self._node_info()
+        reply = self._join(deadline_s=60.0)
         log(f"joined {self.config.coordinator} as {self.node_id} ({self.name}, {len(self.devices)} device(s)), "
             f"serving control on {self.address}")
-        interval = max(reply.heartbeat_interval_ms, 50) / 1000.0
-        threading.Thread(target=self._heartbeats, args=(interval,), daemon=True).start()
+        interval = max(reply.heartbeat_interval_ms, 10) / 1000.0
+        threading.Thread(target=self._heartbeats, args=(interval,), name="heartbeats", daemon=True).start()
+        threading.Thread(target=self._watch_executors, name="executor-watch", daemon=True).start()
 
-    def _join(self, info: common_pb2.NodeInfo) -> coordinator_pb2.JoinResponse:
-        deadline = time.monotonic() + 60
+    def _join(self, *, deadline_s: float | None) -> coordinator_pb2.JoinResponse:
+        """Join (again), retrying with backoff while the coordinator is unreachable: until ``deadline_s``,
+        or for as long as the daemon runs (None)."""
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        wait = REJOIN_BACKOFF_S[0]
         while True:
             try:
-                return self.coordinator.Join(coordinator_pb2.JoinRequest(node=info), timeout=10)
+                reply = self.coordinator.Join(coordinator_pb2.JoinRequest(node=self.info), timeout=10)
+                self.node_id = reply.node_id
+                return reply
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                retry = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry or (deadline is not None and time.monotonic() > deadline):
                     raise TensorfleetError(f"cannot join the coordinator at {self.config.coordinator}: "
                                            f"{e.code().name}: {e.details()}") from e
-                time.sleep(0.5)
+            if self.stop_event.wait(wait):
+                raise TensorfleetError("stopped while joining")
+            wait = min(wait * 2, REJOIN_BACKOFF_S[1])
 
     def wait(self) -> None:
         try:
@@ -107,12 +135,47 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             self.server.stop(grace=1)
 
     def _heartbeats(self, interval: float) -> None:
+        failing = False
         while not self.stop_event.wait(interval):
             try:
-                self.coordinator.Heartbeat(coordinator_pb2.HeartbeatRequest(
-                    node_id=self.node_id, epoch=common_pb2.PlacementEpoch(value=self.epoch)), timeout=interval * 4)
+                reply = self.coordinator.Heartbeat(coordinator_pb2.HeartbeatRequest(
+                    node_id=self.node_id, epoch=common_pb2.PlacementEpoch(value=self.epoch)),
+                    timeout=max(interval * 4, 1.0))
             except grpc.RpcError as e:
-                log(f"heartbeat failed: {e.code().name}")
+                if not failing:
+                    log(f"heartbeats failing: {e.code().name}; retrying every {interval:.2f} s")
+                failing = True
+                continue
+            if failing:
+                log("heartbeats answered again")
+                failing = False
+            if reply.leave:
+                log(f"{self.node_id} has left the cluster: stopping")
+                self.stop_event.set()
+                return
+            if reply.rejoin:
+                log(f"the coordinator does not know {self.node_id} (declared failed, or it restarted): "
+                    f"dropping the stage and joining again")
+                self._stop_executors()
+                try:
+                    reply = self._join(deadline_s=None)
+                except TensorfleetError:
+                    return  # stopped
+                interval = max(reply.heartbeat_interval_ms, 10) / 1000.0
+                log(f"joined again as {self.node_id}")
+
+    def _watch_executors(self) -> None:
+        """Health NOT_SERVING once an executor of the current stage has died (crash, OOM kill)."""
+        while not self.stop_event.wait(0.2):
+            with self.procs_lock:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            if dead:
+                log(f"executor(s) died: {', '.join(f'{p.name} (exit {p.exitcode})' for p in dead)}; health NOT_SERVING")
+                with self.procs_lock:
+                    self.procs = [p for p in self.procs if p not in dead]
+                    self.stage_key = None  # never reuse a broken stage
 
     def _node_info(self) -> common_pb2.NodeInfo:
         from node.inventory import host_memory
@@ -145,6 +208,12 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
 
     def _load_stage(self, req: node_pb2.LoadStageRequest) -> node_pb2.LoadStageResponse:
         started = time.perf_counter()
+        key = _reuse_key(req)
+        if key == self.stage_key and self.stage_response is not None:
+            try:
+                return self._reconfigure(req, started)
+            except TensorfleetError as e:
+                log(f"cannot move the running stage to epoch {req.epoch.value} ({e}): loading it anew")
         self._stop_executors()
         world = req.group.world_size or len(req.local_ranks)
         if world != len(req.local_ranks):
@@ -164,6 +233,8 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
         events = mp.get_context("spawn").Queue()
         self.epoch = req.epoch.value
+        control, leader_end = mp.get_context("spawn").Pipe()
+        procs = []
         for r in sorted(req.local_ranks, key=lambda r: r.tp_rank):
             dev = self.devices[r.device_index]
             spec = ExecutorSpec(rank=r.tp_rank, world=world, device="cpu" if dev.kind == "cpu" else f"cuda:{dev.index}",
@@ -172,17 +243,44 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 start=req.layers.start, end=req.layers.end, dtype=_dtype_name(req.dtype),
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host, **source)
-            proc = mp.get_context("spawn").Process(target=executor_main, args=(spec, events), daemon=True,
+            args = (spec, events, leader_end if r.tp_rank == 0 else None)
+            proc = mp.get_context("spawn").Process(target=executor_main, args=args, daemon=True,
                                                    name=f"tensorfleet-executor-{r.tp_rank}")
             proc.start()
-            self.procs.append(proc)
+            procs.append(proc)
+        with self.procs_lock:
+            self.procs = procs
         infos = self._wait_ready(events, world)
         log(f"stage {req.stage_index} (layers {req.layers.start}-{req.layers.end - 1}, tp={world}) ready at "
             f"{infos[0]['address']} in {time.perf_counter() - started:.1f}s")
-        return node_pb2.LoadStageResponse(
+        response = node_pb2.LoadStageResponse(
             epoch=req.epoch, weight_bytes=sum(i["weight_bytes"] for i in infos.values()),
             kv_cache_bytes=sum(i["kv_cache_bytes"] for i in infos.values()),
             load_seconds=time.perf_counter() - started, stage_address=infos[0]["address"], fetched_bytes=fetched)
+        self.control, self.stage_key, self.stage_response = control, key, response
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return response
+
+    def _reconfigure(self, req: node_pb2.LoadStageRequest, started: float) -> node_pb2.LoadStageResponse:
+        """Move the running stage to the request's epoch and next hop (same layers: nothing to load)."""
+        with self.procs_lock:
+            alive = bool(self.procs) and all(p.is_alive() for p in self.procs)
+        if not alive or self.control is None:
+            raise TensorfleetError("its executors are not running")
+        self.control.send(("configure", req.epoch.value, req.next_stage_address))
+        if not self.control.poll(CONFIGURE_TIMEOUT_S):
+            raise TensorfleetError(f"the leader executor did not answer within {CONFIGURE_TIMEOUT_S:.0f} s")
+        op, epoch = self.control.recv()
+        if (op, epoch) != ("configured", req.epoch.value):
+            raise TensorfleetError(f"the leader executor answered {op} {epoch}")
+        self.epoch = req.epoch.value
+        response = node_pb2.LoadStageResponse()
+        response.CopyFrom(self.stage_response)
+        response.epoch.CopyFrom(req.epoch)
+        response.load_seconds, response.fetched_bytes = time.perf_counter() - started, 0
+        log(f"stage {req.stage_index} (layers {req.layers.start}-{req.layers.end - 1}) kept, now epoch "
+            f"{req.epoch.value}, next hop {req.next_stage_address or '(last stage)'}")
+        return response
 
     def _weights_for(self, req: node_pb2.LoadStageRequest) -> tuple[dict, int]:
         """Where the executors read weights: the local --model-dir, or the cache filled from the coordinator."""
@@ -221,14 +319,25 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         return infos
 
     def _stop_executors(self) -> None:
-        for p in self.procs:
+        with self.procs_lock:
+            procs, self.procs = self.procs, []
+            self.stage_key, self.stage_response, self.control = None, None, None
+            self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # healthy, with no stage
+        for p in procs:
             if p.is_alive():
                 p.terminate()
-        for p in self.procs:
+        for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        self.procs = []
+
+
+def _reuse_key(req: node_pb2.LoadStageRequest) -> tuple:
+    """What running executors must already hold for a LoadStage to keep them (all but epoch and next hop;
+    a stage that was last and is no longer, or the reverse, differs in its layers' end)."""
+    ranks = tuple(sorted((r.device_index, r.tp_rank) for r in req.local_ranks))
+    return (req.model, req.layers.start, req.layers.end, req.dtype, req.group.world_size, req.group.backend, ranks,
+            req.num_slots, req.max_seq_len, req.weight_source)
 
 
 def _dtype_name(code: int) -> str:

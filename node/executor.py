@@ -3,6 +3,10 @@
 Rank 0 of a stage's tensor-parallel group is the leader: it serves Stage.Forward, hands each step to
 its peers by broadcast on the stage's process group, and forwards the resulting hidden states to the
 next stage (or samples, on the last stage). Peers loop on the broadcast.
+
+The leader serves one placement epoch at a time and refuses steps of any other (fencing). When a
+re-placement keeps its layers, the node daemon moves it to the new epoch and next hop over a control
+pipe instead of restarting it: the weights stay loaded, and the KV cache is refilled by the replays.
 """
 
 from __future__ import annotations
@@ -125,8 +129,19 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.runner, self.broadcast, self.spec = runner, broadcast, spec
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
+        self.epoch, self.next_address = spec.epoch, spec.next_stage_address
         self.downstream = None
+        self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
+
+    def configure(self, epoch: int, next_address: str) -> None:
+        """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused."""
+        with self.route_lock:
+            old, self.downstream = self.downstream, None
+            self.epoch, self.next_address = epoch, next_address
+            self.history.clear()
+        if old is not None:
+            old.close()  # its steps in flight fail; their epoch is gone anyway
 
     def Forward(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - gRPC API
         """Steps may arrive while earlier ones are still downstream (micro-batches in flight): a reader
@@ -172,8 +187,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
     def handle(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult | futures.Future:
         """Compute one step: the sampled tokens (last stage) or the future of the downstream result."""
         result = node_pb2.StepResult(epoch=msg.epoch, step_id=msg.step_id)
-        if msg.epoch.value != self.spec.epoch:
-            result.error = f"stage serves epoch {self.spec.epoch}, got a step of epoch {msg.epoch.value}"
+        if msg.epoch.value != self.epoch:
+            result.error = f"stage serves epoch {self.epoch}, got a step of epoch {msg.epoch.value}"
             return result
         try:
             return self._step(msg, result)
@@ -221,16 +236,20 @@ class StageServicer(node_pb2_grpc.StageServicer):
                       [self.history[s.slot] for s in seqs] if need_history else None).tolist()
 
     def _downstream(self):  # noqa: ANN202
-        if self.downstream is None:
-            from node.stream import StageStream
+        with self.route_lock:
+            if self.downstream is None:
+                from node.stream import StageStream
 
-            self.downstream = StageStream(self.spec.next_stage_address)
-        return self.downstream
+                self.downstream = StageStream(self.next_address)
+            return self.downstream
 
 
 # ------------------------------------------------------------------------------------ process main
-def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multiprocessing queue
-    """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text)."""
+def executor_main(spec: ExecutorSpec, events, control=None) -> None:  # noqa: ANN001 - multiprocessing objects
+    """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text).
+
+    ``control`` (the leader's end of a pipe from the daemon) carries ("configure", epoch, next_address),
+    answered with ("configured", epoch)."""
     _exit_with_parent()
     try:
         if spec.threads:
@@ -250,11 +269,24 @@ def executor_main(spec: ExecutorSpec, events) -> None:  # noqa: ANN001 - a multi
             return
         servicer = StageServicer(runner, broadcast, spec)
         _server, address = _serve(servicer, spec.listen_host)
+        if control is not None:
+            threading.Thread(target=_control_loop, args=(control, servicer), name="control", daemon=True).start()
         events.put(("ready", spec.rank, {**info, "address": address}))
         servicer.compute_forever()
     except BaseException:  # noqa: BLE001 - reported to the daemon, which answers LoadStage with it
         events.put(("error", spec.rank, traceback.format_exc()))
         raise
+
+
+def _control_loop(conn, servicer: StageServicer) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    while True:
+        try:
+            op, epoch, next_address = conn.recv()
+        except EOFError:  # the daemon is gone; _exit_with_parent ends the process
+            return
+        if op == "configure":
+            servicer.configure(epoch, next_address)
+            conn.send(("configured", epoch))
 
 
 def _exit_with_parent() -> None:

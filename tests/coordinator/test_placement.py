@@ -26,6 +26,7 @@ from coordinator.placement import (
     PlacementError,
     Plan,
     StagePlan,
+    layers_moved,
     plan_placement,
     profile_from_config,
 )
@@ -292,6 +293,18 @@ def test_prefer_moves_fewest_layers_after_a_failure():
     # (the fresh plan, in its own order, may move all 32).
     assert [(s.start, s.end, s.members[0][0]) for s in kept.stages] == [(0, 11, "d"), (11, 22, "b"), (22, 32, "a")]
     assert moves(kept, previous) == 10 <= moves(fresh, previous)
+
+
+def test_prefer_with_a_fixed_stage_count_keeps_the_surviving_stage():
+    model = big_model()
+    previous = Plan((StagePlan(0, 16, (("b", 0),)), StagePlan(16, 32, (("c", 0),))), 0.0)
+    devices = [dev("a"), dev("b")]  # "c" died; "a" was a spare
+    kept = plan_placement(devices, model, num_stages=2, prefer=previous)
+    assert_valid(kept, devices, model)
+    # b keeps its 16 layers (it also takes layer 16: the same 16 moves, and a faster split); a takes the rest.
+    assert [(s.start, s.end, s.members[0][0]) for s in kept.stages] == [(0, 17, "b"), (17, 32, "a")]
+    assert layers_moved(previous, kept, 32) == moves(kept, previous) == 16
+    assert layers_moved(None, kept, 32) == 32
 
 
 def test_prefer_is_ignored_when_much_slower():

@@ -111,7 +111,7 @@ def test_a_failed_step_reaches_every_request_of_it(scheduler: Scheduler) -> None
         scheduler.submit(r)
     for r in reqs:
         ev = r.events.get(timeout=10)
-        assert ev.error == "stage 1 is gone"
+        assert ev.error == "the pipeline failed: stage 1 is gone"
     assert sorted(scheduler.free_slots) == [0, 1]
 
 
@@ -254,3 +254,136 @@ def test_waiting_events_are_merged_into_one_response() -> None:
         q.put(ev)
     assert _coalesce(q) == Event([1, 2, 3], "abc", "length")  # stops at the final event
     assert _coalesce(q) == Event([9], "late")
+
+
+# ------------------------------------------------------------------------------------------- failover
+class ManualPipeline:
+    """Steps wait until the test resolves them (``answer``), to pause with steps in flight."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[node_pb2.StepMessage, Future]] = []
+        self.cv = threading.Condition()
+
+    def __call__(self, msg: node_pb2.StepMessage) -> Future:
+        done: Future = Future()
+        with self.cv:
+            self.pending.append((msg, done))
+            self.cv.notify_all()
+        return done
+
+    def wait_steps(self, n: int, timeout: float = 10.0) -> list[tuple[node_pb2.StepMessage, Future]]:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.pending) >= n, timeout), f"{len(self.pending)} of {n} steps"
+            return list(self.pending)
+
+    @staticmethod
+    def answer(msg: node_pb2.StepMessage, done: Future, error: str = "") -> None:
+        result = node_pb2.StepResult(step_id=msg.step_id, error=error)
+        if not error:
+            for s in msg.sequences:
+                result.tokens.add(request_id=s.request_id, slot=s.slot, token_id=10 + s.start + len(s.token_ids))
+        done.set_result(result)
+
+
+def tokens_of(req: Request) -> list[int]:
+    return [t for ev in collect(req) for t in ev.token_ids]
+
+
+def test_pause_replays_running_requests_with_their_tokens_and_ignores_late_results() -> None:
+    s = Scheduler(eos_ids=set())
+    try:
+        old = ManualPipeline()
+        s.set_pipeline(old, epoch=1, num_slots=2)
+        reqs = [request("a", max_tokens=6), request("b", prompt_len=3, max_tokens=6)]
+        for r in reqs:
+            s.submit(r)
+        (msg, done), = old.wait_steps(1)
+        old.answer(msg, done)  # prefill: first token of each
+        msg2, done2 = old.wait_steps(2)[1]  # a decode step now in flight
+        assert s.pause() == 2
+        assert s.load().running == 0 and s.load().waiting == 2
+        old.answer(msg2, done2)  # the lost pipeline's late answer must change nothing
+        assert [r.output for r in reqs] == [[14], [13]]
+        new = FakePipeline()
+        s.set_pipeline(new, epoch=2, num_slots=2)
+        assert [tokens_of(r) for r in reqs] == [[14, 15, 16, 17, 18, 19], [13, 14, 15, 16, 17, 18]]
+        # The replay is one prompt from position 0: the prompt plus the token generated before the pause.
+        assert sorted(new.steps[0]) == sorted([(s_, 0, [100, 101, 102, 103, 14]) for s_ in [reqs[0].slot]]
+                                              + [(reqs[1].slot, 0, [100, 101, 102, 13])])
+    finally:
+        s.stop()
+
+
+def test_a_drain_waits_for_the_steps_in_flight() -> None:
+    s = Scheduler(eos_ids=set())
+    try:
+        pipe = ManualPipeline()
+        s.set_pipeline(pipe, epoch=1, num_slots=1)
+        req = request("a", max_tokens=4)
+        s.submit(req)
+        (msg, done), = pipe.wait_steps(1)
+        threading.Timer(0.2, pipe.answer, args=(msg, done)).start()
+        assert s.pause(drain_s=5.0) == 1
+        assert req.output == [14]  # the step in flight returned before the pause: its token counts
+    finally:
+        s.stop()
+
+
+def test_a_failed_step_holds_until_the_coordinator_decides() -> None:
+    verdicts: list[str] = []
+    s = Scheduler(eos_ids=set(), on_step_error=verdicts.append)
+    try:
+        pipe = ManualPipeline()
+        s.set_pipeline(pipe, epoch=1, num_slots=2)
+        a, b = request("a", max_tokens=3), request("b", max_tokens=3)
+        s.submit(a)
+        (msg, done), = pipe.wait_steps(1)
+        pipe.answer(msg, done, error="stage 1 is gone")
+        s.submit(b)
+        deadline = threading.Event()
+        deadline.wait(0.3)
+        assert verdicts == ["stage 1 is gone"]
+        assert len(pipe.wait_steps(1)) == 1, "nothing is sent while the scheduler holds"
+        assert a.events.empty()
+        s.fail_held("stage 1 is gone")  # the coordinator found every node healthy
+        assert a.events.get(timeout=5).error == "the pipeline failed: stage 1 is gone"
+        msg, done = pipe.wait_steps(2)[1]  # b goes on
+        assert [q.request_id for q in msg.sequences] == ["b"]
+    finally:
+        s.stop()
+
+
+def test_a_failed_step_then_failover_replays_instead_of_failing() -> None:
+    s = Scheduler(eos_ids=set(), on_step_error=lambda error: None)
+    try:
+        pipe = ManualPipeline()
+        s.set_pipeline(pipe, epoch=1, num_slots=1)
+        req = request("a", max_tokens=3)
+        s.submit(req)
+        (msg, done), = pipe.wait_steps(1)
+        pipe.answer(msg, done, error="stream closed")
+        assert s.pause() == 1
+        s.set_pipeline(FakePipeline(), epoch=2, num_slots=1)
+        assert tokens_of(req) == [14, 15, 16]
+    finally:
+        s.stop()
+
+
+def test_without_capacity_requests_wait_up_to_the_deadline() -> None:
+    s = Scheduler(eos_ids=set())
+    try:
+        req = request("a")
+        s.submit(req)
+        assert s.expire_waiting(60.0, "no node left") == 0
+        req.arrival -= 120
+        s.unavailable_since -= 120
+        assert s.expire_waiting(60.0, "no node left") == 1
+        ev = req.events.get(timeout=1)
+        assert ev.finish_reason == "error" and "no capacity to serve it for 60 s: no node left" in ev.error
+        s.set_pipeline(FakePipeline(), epoch=1, num_slots=1)
+        late = request("b")
+        late.arrival -= 120
+        s.submit(late)
+        assert s.expire_waiting(60.0, "x") == 0, "never while a pipeline serves"
+    finally:
+        s.stop()

@@ -115,7 +115,7 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ..., address: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ..., slots_fit: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting", "max_batch_size", "max_step_tokens", "micro_batches", "slots_free", "max_queue")
+    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting", "max_batch_size", "max_step_tokens", "micro_batches", "slots_free", "max_queue", "placement_changes", "unavailable_reason")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,8 @@ class StatusResponse(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
@@ -138,7 +140,29 @@ class StatusResponse(_message.Message):
     micro_batches: int
     slots_free: int
     max_queue: int
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., micro_batches: _Optional[int] = ..., slots_free: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    placement_changes: _containers.RepeatedCompositeFieldContainer[PlacementChange]
+    unavailable_reason: str
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., micro_batches: _Optional[int] = ..., slots_free: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_changes: _Optional[_Iterable[_Union[PlacementChange, _Mapping]]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+
+class PlacementChange(_message.Message):
+    __slots__ = ("epoch", "kind", "nodes", "reason", "detected_at", "resumed_at", "requests_replayed", "layers_moved")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    kind: str
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    detected_at: float
+    resumed_at: float
+    requests_replayed: int
+    layers_moved: int
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., kind: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., detected_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., requests_replayed: _Optional[int] = ..., layers_moved: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node",)
@@ -169,12 +193,28 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[_common_pb2.DeviceInfo, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch", "rejoin")
+    __slots__ = ("epoch", "rejoin", "leave")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REJOIN_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     rejoin: bool
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., rejoin: _Optional[bool] = ...) -> None: ...
+    leave: bool
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., rejoin: _Optional[bool] = ..., leave: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("node_id", "epoch")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    epoch: _common_pb2.PlacementEpoch
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ...) -> None: ...
 
 class ManifestRequest(_message.Message):
     __slots__ = ()

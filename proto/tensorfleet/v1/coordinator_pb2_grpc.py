@@ -55,6 +55,11 @@ class CoordinatorStub:
                 request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/tensorfleet.v1.Coordinator/Leave',
+                request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
         self.GetManifest = channel.unary_unary(
                 '/tensorfleet.v1.Coordinator/GetManifest',
                 request_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.ManifestRequest.SerializeToString,
@@ -99,6 +104,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Graceful drain: the node's layers move to the others (requests pause, then continue with the same
+        output) and the node is told to stop. Answers once the new placement serves; FAILED_PRECONDITION
+        when the other nodes cannot hold the model (the node then keeps serving).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetManifest(self, request, context):
         """The model's manifest: its config and every tensor's name, dtype, shape, size and sha256.
         """
@@ -136,6 +150,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=tensorfleet_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
@@ -257,6 +276,33 @@ class Coordinator:
             '/tensorfleet.v1.Coordinator/Heartbeat',
             tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             tensorfleet_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Coordinator/Leave',
+            tensorfleet_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            tensorfleet_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,
