@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "coordinator")
     join.add_argument("--no-probe", action="store_true",
                       help="skip the capacity probe and report conservative estimates (quick local tests)")
+    join.add_argument("--no-standby", action="store_true",
+                      help="do not keep an executor process started ahead (saves its memory, about 0.3 GiB on "
+                           "CPU; a stage that fails over to this node then starts about 1.5 s later)")
     leave = sub.add_parser("leave", help="drain a node: move its layers to the others, then stop it",
                            description="Drain NODE (its id, or its name when unique): the coordinator moves its "
                                        "layers to the other nodes (requests pause and continue with the same "
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = None if args.devices in (None, ["all"]) else ",".join(args.devices)
     config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
                         port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
-                        probe=not args.no_probe)
+                        probe=not args.no_probe, standby=not args.no_standby)
     try:
         daemon = NodeDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())

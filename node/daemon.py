@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.errors import TensorfleetError
-from node.executor import ExecutorSpec, executor_main
+from node.executor import ExecutorSpec, executor_main, standby_main
 from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
@@ -47,6 +47,7 @@ class NodeConfig:
     cache_dir: str = ""
     model_dir: str | None = None
     probe: bool = True
+    standby: bool = True  # keep an executor process started ahead (faster failover; costs its memory)
 
 
 def log(msg: str) -> None:
@@ -81,7 +82,13 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.load_lock = threading.Lock()
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
+        self.standby: tuple | None = None  # (process, events queue, control pipe) of a started executor
         self.address = ""
+        # Executors wait on each other (pipeline stages sharing a host, tensor-parallel peers); libgomp's
+        # default spin of 300k iterations after each parallel region then steals the cores of the stage
+        # that computes (measured: 15 ms per pipeline hop on 2 cores, 1-4 ms with 2k-30k). A short spin
+        # keeps the back-to-back regions of one step hot. The user's own setting wins.
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,6 +108,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         interval = max(reply.heartbeat_interval_ms, 10) / 1000.0
         threading.Thread(target=self._heartbeats, args=(interval,), name="heartbeats", daemon=True).start()
         threading.Thread(target=self._watch_executors, name="executor-watch", daemon=True).start()
+        self._spawn_standby()
 
     def _join(self, *, deadline_s: float | None) -> coordinator_pb2.JoinResponse:
         """Join (again), retrying with backoff while the coordinator is unreachable: until ``deadline_s``,
@@ -130,6 +138,9 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
 
     def stop(self) -> None:
         self.stop_event.set()
+        standby = self._take_standby()
+        if standby is not None:
+            standby[0].terminate()
         self._stop_executors()
         if self.server is not None:
             self.server.stop(grace=1)
@@ -226,14 +237,13 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         kinds = {self.devices[r.device_index].kind for r in req.local_ranks}
         backend = req.group.backend or ("nccl" if kinds == {"cuda"} else "gloo")
         port = free_port(self.config.host)
-        # Executors wait on each other (pipeline stages sharing a host, tensor-parallel peers); libgomp's
-        # default spin of 300k iterations after each parallel region then steals the cores of the stage
-        # that computes (measured: 15 ms per pipeline hop on 2 cores, 1-4 ms with 2k-30k). A short spin
-        # keeps the back-to-back regions of one step hot. The user's own setting wins.
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-        events = mp.get_context("spawn").Queue()
+        standby = self._take_standby() if world == 1 else None
+        if standby is not None:
+            proc, events, control = standby
+        else:
+            events = mp.get_context("spawn").Queue()
+            control, leader_end = mp.get_context("spawn").Pipe()
         self.epoch = req.epoch.value
-        control, leader_end = mp.get_context("spawn").Pipe()
         procs = []
         for r in sorted(req.local_ranks, key=lambda r: r.tp_rank):
             dev = self.devices[r.device_index]
@@ -243,6 +253,10 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 start=req.layers.start, end=req.layers.end, dtype=_dtype_name(req.dtype),
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host, **source)
+            if standby is not None:  # torch already imported there: about 1.5 s sooner on CPU
+                control.send(("start", spec))
+                procs.append(proc)
+                continue
             args = (spec, events, leader_end if r.tp_rank == 0 else None)
             proc = mp.get_context("spawn").Process(target=executor_main, args=args, daemon=True,
                                                    name=f"tensorfleet-executor-{r.tp_rank}")
@@ -250,7 +264,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             procs.append(proc)
         with self.procs_lock:
             self.procs = procs
-        infos = self._wait_ready(events, world)
+        infos = self._wait_ready(events, world, procs)
         log(f"stage {req.stage_index} (layers {req.layers.start}-{req.layers.end - 1}, tp={world}) ready at "
             f"{infos[0]['address']} in {time.perf_counter() - started:.1f}s")
         response = node_pb2.LoadStageResponse(
@@ -259,7 +273,28 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             load_seconds=time.perf_counter() - started, stage_address=infos[0]["address"], fetched_bytes=fetched)
         self.control, self.stage_key, self.stage_response = control, key, response
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if standby is not None:
+            self._spawn_standby()
         return response
+
+    # ----------------------------------------------------------------------------------- standby
+    def _spawn_standby(self) -> None:
+        """Keep one executor process started ahead, with torch imported, for the next single-device stage:
+        a failover that moves layers here then skips the interpreter start and imports."""
+        if not self.config.standby or self.stop_event.is_set():
+            return
+        ctx = mp.get_context("spawn")
+        events = ctx.Queue()
+        control, child = ctx.Pipe()
+        proc = ctx.Process(target=standby_main, args=(events, child), daemon=True, name="tensorfleet-executor-0")
+        proc.start()
+        self.standby = (proc, events, control)
+
+    def _take_standby(self) -> tuple | None:
+        standby, self.standby = self.standby, None
+        if standby is not None and standby[0].is_alive():
+            return standby
+        return None
 
     def _reconfigure(self, req: node_pb2.LoadStageRequest, started: float) -> node_pb2.LoadStageResponse:
         """Move the running stage to the request's epoch and next hop (same layers: nothing to load)."""
@@ -301,15 +336,22 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             f"{fetched / 2**20:.1f} MiB fetched, the rest from the cache in {self.cache_dir}")
         return {"hf_config": hf_config, "cache_dir": str(self.cache_dir), "manifest_path": str(manifest_path)}, fetched
 
-    def _wait_ready(self, events, world: int) -> dict[int, dict]:  # noqa: ANN001
+    def _wait_ready(self, events, world: int, procs: list) -> dict[int, dict]:  # noqa: ANN001
         infos: dict[int, dict] = {}
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while len(infos) < world:
-            try:
-                kind, rank, payload = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            try:  # short waits: a stopping daemon or a dead executor must not wait out the whole timeout
+                kind, rank, payload = events.get(timeout=0.25)
             except queue.Empty:
+                dead = [p for p in procs if not p.is_alive()]
+                problem = ("the daemon is stopping" if self.stop_event.is_set() else
+                           f"{dead[0].name} exited with {dead[0].exitcode} while loading" if dead else
+                           f"the stage's executors did not load within {LOAD_TIMEOUT_S:.0f}s"
+                           if time.monotonic() > deadline else None)
+                if problem is None:
+                    continue
                 self._stop_executors()
-                raise TensorfleetError(f"the stage's executors did not load within {LOAD_TIMEOUT_S:.0f}s") from None
+                raise TensorfleetError(problem) from None
             if kind == "error":
                 self._stop_executors()
                 last = payload.strip().splitlines()[-1]

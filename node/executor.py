@@ -245,12 +245,13 @@ class StageServicer(node_pb2_grpc.StageServicer):
 
 
 # ------------------------------------------------------------------------------------ process main
-def executor_main(spec: ExecutorSpec, events, control=None) -> None:  # noqa: ANN001 - multiprocessing objects
+def executor_main(spec: ExecutorSpec, events, control=None, *, watch_parent: bool = True) -> None:  # noqa: ANN001
     """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text).
 
     ``control`` (the leader's end of a pipe from the daemon) carries ("configure", epoch, next_address),
     answered with ("configured", epoch)."""
-    _exit_with_parent()
+    if watch_parent:
+        _exit_with_parent()
     try:
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -276,6 +277,18 @@ def executor_main(spec: ExecutorSpec, events, control=None) -> None:  # noqa: AN
     except BaseException:  # noqa: BLE001 - reported to the daemon, which answers LoadStage with it
         events.put(("error", spec.rank, traceback.format_exc()))
         raise
+
+
+def standby_main(events, control) -> None:  # noqa: ANN001 - multiprocessing objects
+    """A process started ahead of need, with torch imported: it waits for ("start", spec) on ``control``
+    and then becomes that spec's executor (the same pipe then carries its control messages)."""
+    _exit_with_parent()
+    try:
+        op, spec = control.recv()
+    except EOFError:
+        return
+    if op == "start":
+        executor_main(spec, events, control, watch_parent=False)
 
 
 def _control_loop(conn, servicer: StageServicer) -> None:  # noqa: ANN001 - a multiprocessing Connection

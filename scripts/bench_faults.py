@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat-timeout-ms", type=int, default=1000, help="heartbeat timeout (default 1000)")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--out", default="out/bench_faults.json")
+    p.add_argument("--workdir", default=None, help="keep the clusters' logs here (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.faults is None:
         from tests.faults.netns import netns_unavailable
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(resolve_model(None).path)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
+        if args.workdir:
+            tmp = args.workdir
         for fault in args.faults:
             results.append(run_fault(fault, args, model_dir, Path(tmp)))
             r = results[-1]
