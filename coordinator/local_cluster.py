@@ -50,6 +50,7 @@ class LocalCluster:
         self.port = port or free_port(host)
         self.address = f"{host}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.expected_exits: set[str] = set()  # processes a test killed or drained on purpose
 
     def _spawn(self, name: str, args: list[str], *, taskset: str | None = None,
                env: dict[str, str] | None = None, netns: str | None = None) -> subprocess.Popen:
@@ -58,7 +59,7 @@ class LocalCluster:
             cmd = ["taskset", "-c", taskset, *cmd]
         if netns:  # `ip netns exec` and taskset both exec the next program: the pid stays the Python process's
             cmd = ["ip", "netns", "exec", netns, *cmd]
-        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 - closed with the process; a restart appends
         repo = Path(__file__).resolve().parents[1]
         # A checkout that is not pip-installed still runs: the packages and the generated stubs by path.
         path = os.pathsep.join(p for p in (str(repo), str(repo / "proto"), os.environ.get("PYTHONPATH")) if p)
@@ -69,11 +70,7 @@ class LocalCluster:
 
     def start(self, *, timeout_s: float = 300.0) -> LocalCluster:
         try:
-            args = ["-m", "coordinator.cli", "start", "--host", self.host, "--port", str(self.port),
-                    "--min-nodes", str(len(self.node_specs)), *self.coordinator_args]
-            if self.model:
-                args += ["--model", self.model]
-            self._spawn("coordinator", args)
+            self.start_coordinator()
             for i, spec in enumerate(self.node_specs):
                 self.start_node(spec, f"node{i}")
             self.wait_ready(timeout_s)
@@ -81,6 +78,22 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def start_coordinator(self, *, min_nodes: int | None = None) -> subprocess.Popen:
+        """(Re)start the coordinator on the cluster's address (a restart appends to its log); it places the
+        model once ``min_nodes`` (default: all the cluster's nodes) have joined."""
+        args = ["-m", "coordinator.cli", "start", "--host", self.host, "--port", str(self.port),
+                "--min-nodes", str(min_nodes or len(self.node_specs)), *self.coordinator_args]
+        if self.model:
+            args += ["--model", self.model]
+        old = self.procs.get("coordinator")
+        if old is not None:
+            if old.poll() is None:
+                raise RuntimeError("the coordinator is still running")
+            runs = sum(1 for name in self.procs if name.startswith("coordinator"))
+            self.procs[f"coordinator-run{runs}"] = old
+        self.expected_exits.discard("coordinator")
+        return self._spawn("coordinator", args)
 
     def start_node(self, spec: NodeSpec, name: str) -> subprocess.Popen:
         args = ["-m", "node.cli", "join", self.address, "--devices", spec.devices, "--no-probe",
@@ -101,7 +114,7 @@ class LocalCluster:
         with TensorfleetClient(self.address, timeout=5) as client:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
-                    if proc.poll() is not None:
+                    if proc.poll() is not None and name not in self.expected_exits and "-run" not in name:
                         raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
                 try:
                     if client.status().stages:
@@ -124,6 +137,8 @@ class LocalCluster:
 
     def signal_node(self, name: str, sig: int) -> None:
         """Send ``sig`` to the process group of ``name``: the node and the executors it spawned."""
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.expected_exits.add(name)
         os.killpg(self.pid(name), sig)
 
     def stop(self) -> None:

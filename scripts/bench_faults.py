@@ -31,7 +31,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "proto"))
+
+from client.workload import StreamingWorkload  # noqa: E402 - after the path setup
 
 FAULTS = ("kill", "stop", "cut")
 PROMPTS = [
@@ -86,52 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Workload:
-    """``concurrency`` streaming requests on threads; every delta's arrival time is kept."""
-
-    def __init__(self, address: str, args: argparse.Namespace, tag: str) -> None:
-        self.address, self.args, self.tag = address, args, tag
-        self.records: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.tokens = 0
-        self.progress = threading.Condition(self.lock)
-
-    def run_one(self, i: int) -> None:
-        from client.api import ClientError, TensorfleetClient
-
-        seeded = self.args.sampling == "seeded"
-        rec: dict[str, Any] = {"index": i, "tokens": [], "arrivals": [], "finish": None, "error": None}
-        with self.lock:
-            self.records.append(rec)
-        try:
-            with TensorfleetClient(self.address, timeout=self.args.request_timeout) as client:
-                for delta in client.generate_stream(
-                        PROMPTS[i % len(PROMPTS)], max_tokens=self.args.max_tokens, ignore_eos=True,
-                        temperature=0.8 if seeded else 0.0, top_p=0.95 if seeded else 1.0,
-                        seed=1000 + i if seeded else None, request_id=f"{self.tag}-{i}"):
-                    now = time.time()
-                    with self.lock:
-                        rec["tokens"].extend(delta.token_ids)
-                        rec["arrivals"].extend([now] * len(delta.token_ids))
-                        self.tokens += len(delta.token_ids)
-                        self.progress.notify_all()
-                    if delta.finish_reason:
-                        rec["finish"] = delta.finish_reason
-        except ClientError as e:
-            rec["error"] = f"{e.code}: {e.details}"
-
-    def start(self) -> list[threading.Thread]:
-        threads = [threading.Thread(target=self.run_one, args=(i,), daemon=True) for i in range(self.args.concurrency)]
-        for t in threads:
-            t.start()
-        return threads
-
-    def wait_tokens(self, n: int, timeout: float) -> bool:
-        with self.progress:
-            return self.progress.wait_for(lambda: self.tokens >= n, timeout)
-
-    def outputs(self) -> dict[int, list[int]]:
-        return {r["index"]: r["tokens"] for r in self.records}
+def workload(address: str, args: argparse.Namespace, tag: str) -> StreamingWorkload:
+    seeded = range(args.concurrency) if args.sampling == "seeded" else ()
+    return StreamingWorkload(address, PROMPTS, count=args.concurrency, max_tokens=args.max_tokens, seeded=seeded,
+                             tag=tag, timeout=args.request_timeout)
 
 
 def victim_node(address: str, stage: int) -> str:
@@ -164,14 +123,11 @@ def run_fault(fault: str, args: argparse.Namespace, model_dir: str, workdir: Pat
         stack.callback(cluster.stop)
         log(f"[{fault}] starting {args.nodes} nodes, {args.stages} stages")
         cluster.start(timeout_s=300)
-        reference = Workload(cluster.address, args, "ref")
-        for t in reference.start():
-            t.join()
+        reference = workload(cluster.address, args, "ref").run()
         name = victim_node(cluster.address, args.victim_stage)
         index = int(name.removeprefix("node"))
         log(f"[{fault}] reference done; now the faulty run, {name} fails at {args.fault_at:.0%} of the tokens")
-        run = Workload(cluster.address, args, "run")
-        threads = run.start()
+        run = workload(cluster.address, args, "run").start()
         run.wait_tokens(int(args.fault_at * args.concurrency * args.max_tokens), args.request_timeout)
         t_fault = time.time()
         if fault == "kill":
@@ -180,8 +136,7 @@ def run_fault(fault: str, args: argparse.Namespace, model_dir: str, workdir: Pat
             cluster.signal_node(name, signal.SIGSTOP)
         else:
             fabric.cut(index)
-        for t in threads:
-            t.join(args.request_timeout)
+        run.join()
         # The node comes back: it must rejoin as a new member and disturb nothing.
         if fault == "stop":
             cluster.signal_node(name, signal.SIGCONT)
@@ -190,32 +145,30 @@ def run_fault(fault: str, args: argparse.Namespace, model_dir: str, workdir: Pat
         after = None
         if fault != "kill":
             time.sleep(3 * args.heartbeat_timeout_ms / 1000 + 1)
-            after = Workload(cluster.address, args, "after")
-            for t in after.start():
-                t.join(args.request_timeout)
+            after = workload(cluster.address, args, "after").run()
         with TensorfleetClient(cluster.address, timeout=10) as client:
             status = client.status()
         return report(fault, name, t_fault, reference, run, after, status)
 
 
-def report(fault: str, victim: str, t_fault: float, reference: Workload, run: Workload, after: Workload | None,
-           status: Any) -> dict[str, Any]:
+def report(fault: str, victim: str, t_fault: float, reference: StreamingWorkload, run: StreamingWorkload,
+           after: StreamingWorkload | None, status: Any) -> dict[str, Any]:
     changes = [c for c in status.placement_changes if c.kind == "failure" and c.detected_at >= t_fault - 1]
     change = changes[0] if changes else None
-    arrivals = sorted(t for r in run.records for t in r["arrivals"])
+    arrivals = sorted(t for r in run.records for t in r.arrivals)
     flowing = None
     if change is not None:
         later = [t for t in arrivals if t > change.detected_at]
         flowing = later[0] - t_fault if later else None
     ref = reference.outputs()
-    lost = sum(1 for r in run.records if r["error"] or r["finish"] is None)
-    changed = sum(1 for i, toks in run.outputs().items() if toks != ref.get(i))
+    lost = len(run.lost())
+    changed = sum(1 for mine, theirs in zip(run.outputs(), ref, strict=True) if mine != theirs)
     result = {
         "fault": fault, "victim": victim, "fault_at_unix": t_fault,
         "detection_s": change.detected_at - t_fault if change else None,
         "resumed_s": change.resumed_at - t_fault if change and change.resumed_at else None,
         "tokens_again_s": flowing, "requests": len(run.records), "lost": lost, "changed": changed,
-        "errors": [r["error"] for r in run.records if r["error"]],
+        "errors": [r.error for r in run.records if r.error],
         "replayed": change.requests_replayed if change else None,
         "layers_moved": change.layers_moved if change else None, "epoch": status.epoch.value,
         "change_reason": change.reason if change else None,
@@ -223,8 +176,8 @@ def report(fault: str, victim: str, t_fault: float, reference: Workload, run: Wo
     }
     if after is not None:
         result["after_return"] = {
-            "lost": sum(1 for r in after.records if r["error"] or r["finish"] is None),
-            "changed": sum(1 for i, toks in after.outputs().items() if toks != ref.get(i)),
+            "lost": len(after.lost()),
+            "changed": sum(1 for mine, theirs in zip(after.outputs(), ref, strict=True) if mine != theirs),
             "nodes": len(status.nodes), "epoch": status.epoch.value,
         }
     return result
