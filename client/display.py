@@ -68,8 +68,26 @@ def format_status(status: coordinator_pb2.StatusResponse) -> str:
                    "MEMORY FITS"]
         lines += _table(headers, rows)
     else:
-        lines.append("placement: none in force")
+        lines.append("placement: none in force" + (f" ({status.unavailable_reason})" if status.unavailable_reason
+                                                   else ""))
     lines.append("")
+
+    if status.placement_changes:
+        lines.append("placement changes (latest last):")
+        rows = [
+            [
+                str(c.epoch.value) if c.epoch.value else "-",
+                c.kind,
+                ", ".join(c.nodes) or "-",
+                f"{c.resumed_at - c.detected_at:.2f} s" if c.resumed_at else "not yet",
+                str(c.requests_replayed),
+                str(c.layers_moved),
+                c.reason,
+            ]
+            for c in status.placement_changes
+        ]
+        lines += _table(["EPOCH", "KIND", "NODES", "PAUSED", "REPLAYED", "LAYERS MOVED", "REASON"], rows)
+        lines.append("")
 
     if status.max_batch_size:
         lines.append(f"batch: up to {status.max_batch_size} sequences ({status.slots_free} slots free), "

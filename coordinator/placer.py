@@ -20,7 +20,6 @@ that was cut off and comes back cannot corrupt anything.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.capacity import choose_slots, stage_capacities
+from coordinator.logs import log
 from coordinator.membership import Change, Member, Membership
 from coordinator.scheduler import Scheduler
 from engine.errors import TensorfleetError
@@ -41,10 +41,7 @@ PROBE_TIMEOUT_S = 1.0  # a node's health must answer within this after a failed 
 DRAIN_WAIT_S = 30.0  # a drain waits this long for the steps in flight to return
 LOAD_TIMEOUT_S = 900.0
 MAX_ATTEMPTS = 4  # re-plans in one change when nodes fail while it loads
-
-
-def log(msg: str) -> None:
-    print(f"[coordinator] {msg}", file=sys.stderr, flush=True)
+REBALANCE_GAIN = 1.25  # a node that joins triggers a re-placement when the estimated step gets this much faster
 
 
 class Placer:
@@ -134,15 +131,42 @@ class Placer:
 
     # --------------------------------------------------------------------------------- placement
     def place_if_needed(self) -> None:
-        """After a join: place when nothing is in force (first placement, or after capacity ran out)."""
+        """After a join: place when nothing is in force (first placement, or after capacity ran out), or
+        rebalance when the new member makes the best plan much faster than the one in force."""
         with self.placing:
             with self.lock:
-                if self.stages:
+                placed = bool(self.stages)
+            if not placed:
+                if len(self.membership.planned()) < self.config.min_nodes and self.plan is None:
                     return
-            if len(self.membership.planned()) < self.config.min_nodes and self.plan is None:
+                change = self.pending or Change(kind="initial", nodes=[], reason="nodes joined")
+                self._place_with_retries(change)
                 return
-            change = self.pending or Change(kind="initial", nodes=[], reason="nodes joined")
-            self._place_with_retries(change)
+            rebalance = self._rebalance_pays()
+        if rebalance is not None:
+            self.change(rebalance)
+
+    def _rebalance_pays(self) -> Change | None:
+        from coordinator.placement import PlacementError, plan_placement
+
+        members = self.membership.planned()
+        devices, profile = self._devices_and_profile(members)
+        try:
+            best = plan_placement(devices, profile, num_stages=self.config.num_stages)
+        except PlacementError:
+            try:
+                best = plan_placement(devices, profile)
+            except PlacementError:
+                return None
+        current = self.plan.est_step_time_s if self.plan is not None else 0.0
+        if best.est_step_time_s * REBALANCE_GAIN > current:
+            return None
+        with self.lock:
+            serving = {m.node_id for s in self.stages for m in s.members}
+        joined = [m.node_id for m in members if m.node_id not in serving]
+        reason = (f"estimated step {current * 1e3:.2f} ms -> {best.est_step_time_s * 1e3:.2f} ms "
+                  f"with {len(members)} nodes")
+        return Change(kind="rebalance", nodes=joined, reason=reason)
 
     def change(self, change: Change) -> None:
         """Pause, re-plan over the remaining members and resume (see the module docstring)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from coordinator import defaults
+from coordinator.logs import log
 from engine.detokenize import IncrementalDetokenizer
 from engine.sampling import SamplingParams, finish_reason
 from node.wire import sampling_to_proto
@@ -113,6 +113,7 @@ class Scheduler:
         self.on_step_error = on_step_error
         self.holding = False  # a step failed: nothing is sent until the coordinator decides
         self.unavailable_since: float | None = time.monotonic()  # no pipeline since
+        self.resumed_at: float | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -128,6 +129,7 @@ class Scheduler:
             self.num_slots = num_slots
             self.free_slots = list(range(num_slots - 1, -1, -1))
             self.unavailable_since = None
+            self.resumed_at = time.monotonic() if self.generation else None  # after a pause: report the first token
             self.cv.notify_all()
 
     def pause(self, *, drain_s: float = 0.0) -> int:
@@ -286,7 +288,7 @@ class Scheduler:
             for req, _ in step:
                 req.in_flight = False
             if error is not None:
-                print(f"[coordinator] step {step_id} failed: {error}", file=sys.stderr, flush=True)
+                log(f"step {step_id} failed: {error}")
                 if self.on_step_error is None:
                     for req, _ in step:
                         req.events.put(Event([], "", "error", error=f"the pipeline failed: {error}"))
@@ -307,6 +309,9 @@ class Scheduler:
             self.cv.notify_all()
 
     def _accept(self, req: Request, token: int) -> None:
+        if self.resumed_at is not None:
+            log(f"tokens flow again {time.monotonic() - self.resumed_at:.2f} s after the pipeline resumed")
+            self.resumed_at = None
         req.output.append(token)
         text, stopped = req.detok.push(token)
         reason = "cancelled" if req.cancelled else finish_reason(token, len(req.output), req.params, self.eos_ids,

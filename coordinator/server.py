@@ -19,7 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import defaults
-from coordinator.placer import Placer, log
+from coordinator.logs import log
+from coordinator.placer import Placer
 from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError

@@ -35,6 +35,7 @@ from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, no
 LOAD_TIMEOUT_S = 900.0
 CONFIGURE_TIMEOUT_S = 10.0
 REJOIN_BACKOFF_S = (0.2, 5.0)  # first and longest wait between join attempts
+STANDBY_DELAY_S = 10.0  # a used standby executor is replaced this long after its stage loaded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +52,8 @@ class NodeConfig:
 
 
 def log(msg: str) -> None:
-    print(f"[node] {msg}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} [node] {msg}", file=sys.stderr,
+          flush=True)
 
 
 def free_port(host: str) -> int:
@@ -273,15 +275,17 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             load_seconds=time.perf_counter() - started, stage_address=infos[0]["address"], fetched_bytes=fetched)
         self.control, self.stage_key, self.stage_response = control, key, response
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        if standby is not None:
-            self._spawn_standby()
+        if standby is not None:  # later: its imports would slow the replays that follow a failover
+            timer = threading.Timer(STANDBY_DELAY_S, self._spawn_standby)
+            timer.daemon = True
+            timer.start()
         return response
 
     # ----------------------------------------------------------------------------------- standby
     def _spawn_standby(self) -> None:
         """Keep one executor process started ahead, with torch imported, for the next single-device stage:
         a failover that moves layers here then skips the interpreter start and imports."""
-        if not self.config.standby or self.stop_event.is_set():
+        if not self.config.standby or self.stop_event.is_set() or self.standby is not None:
             return
         ctx = mp.get_context("spawn")
         events = ctx.Queue()

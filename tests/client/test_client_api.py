@@ -247,3 +247,16 @@ def test_importing_the_client_api_is_light() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing client.api / client.cli pulled in: {out.stdout.strip()}"
+
+
+def test_format_status_shows_placement_changes_and_why_nothing_serves() -> None:
+    status = coordinator_pb2.StatusResponse(unavailable_reason="the nodes left cannot hold the model")
+    status.placement_changes.add(kind="failure", nodes=["n2-abc"], reason="n2-abc: no heartbeat for 1.02 s",
+                                 detected_at=100.0, resumed_at=101.25, requests_replayed=16, layers_moved=11,
+                                 epoch={"value": 2})
+    status.placement_changes.add(kind="failure", nodes=["n1-def"], reason="n1-def: no heartbeat", detected_at=200.0)
+    text = format_status(status)
+    assert "placement: none in force (the nodes left cannot hold the model)" in text
+    rows = text.split("placement changes (latest last):")[1].splitlines()
+    assert rows[2].split()[:6] == ["2", "failure", "n2-abc", "1.25", "s", "16"]
+    assert rows[3].split()[:4] == ["-", "failure", "n1-def", "not"]

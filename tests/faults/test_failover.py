@@ -174,3 +174,18 @@ def test_with_no_capacity_requests_wait_until_a_node_joins(cluster: LocalCluster
     cluster.start_node(NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)), "node9")
     assert_identical(w.join(), reference)
     assert health(cluster) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_node_that_joins_gets_layers_when_that_pays(cluster: LocalCluster, reference: list[list[int]],
+                                                      embedded_model_dir) -> None:  # noqa: ANN001
+    assert len(status(cluster).stages) == 1  # node9 alone (two stages do not fit one node)
+    cluster.start_node(NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)), "node10")
+    for attempt in range(6):  # workloads back to back until the rebalance has happened during one
+        assert_identical(workload(cluster, f"rebalance{attempt}").run(), reference)
+        changes = [c for c in status(cluster).placement_changes if c.kind == "rebalance"]
+        if changes and changes[-1].requests_replayed:
+            break
+    else:
+        pytest.fail(f"no rebalance while requests ran: {status(cluster).placement_changes}")
+    st = status(cluster)
+    assert len(st.stages) == 2 and {m.node_id for s in st.stages for m in s.members} == {n.node_id for n in st.nodes}
