@@ -12,6 +12,7 @@ def test_stubs_import_and_define_the_services() -> None:
         "Status",
         "Join",
         "Heartbeat",
+        "Leave",
         "GetManifest",
         "FetchWeights",
     }
