@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--capacity-wait", type=float, default=defaults.CAPACITY_WAIT_S, metavar="SECONDS",
                        help="while the nodes left cannot hold the model, requests wait this long for a node to "
                             "join, then fail with UNAVAILABLE (default: %(default)s)")
+    start.add_argument("--codec", default="exact", metavar="SPEC",
+                       help="compress the hidden states stages send to each other: exact (default), int8, "
+                            "int8:rotate=true, int4, lowrank:rank=8, ... (engine/codecs.py)")
+    start.add_argument("--codec-min-tokens", type=int, default=defaults.CODEC_MIN_TOKENS, metavar="N",
+                       help="messages of fewer tokens (decode steps) go uncompressed (default: %(default)s)")
     return parser
 
 
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=args.heartbeat_timeout_ms,
-                                   capacity_wait_s=args.capacity_wait)
+                                   capacity_wait_s=args.capacity_wait, codec=args.codec,
+                                   codec_min_tokens=args.codec_min_tokens)
         server, coordinator = serve(config)
     except TensorfleetError as e:
         print(f"coordinator: error: {e}", file=sys.stderr)

@@ -11,3 +11,6 @@ MAX_QUEUE = 1024  # requests waiting for a slot before new ones are refused
 HEARTBEAT_INTERVAL_MS = 250
 HEARTBEAT_TIMEOUT_MS = 1000
 CAPACITY_WAIT_S = 60.0  # without a placement (too few nodes left), requests wait this long, then fail
+# Compressed exchange between stages: messages of fewer tokens (decode steps) go uncompressed, since
+# they are small and latency-bound; prefill messages are where bandwidth matters.
+CODEC_MIN_TOKENS = 64

@@ -78,6 +78,10 @@ class Completion:
     time_to_first_token: float = 0.0
 
 
+# Transforms the hidden states [N, hidden] leaving stage i (first argument) before they enter stage i+1.
+Boundary = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class StepStats:
     prefill_tokens: int = 0
@@ -170,8 +174,10 @@ class LLM:
     # ------------------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  | None = None, *, chat: bool = False,
-                 on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
-        """Generate for every prompt; ``on_token(request_index, token_id)`` streams tokens as they come."""
+                 on_token: Callable[[int, int], None] | None = None,
+                 boundary: Boundary | None = None) -> list[Completion]:
+        """Generate for every prompt; ``on_token(request_index, token_id)`` streams tokens as they come.
+        ``boundary`` transforms the hidden states between stages (see ``forward``)."""
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
@@ -187,7 +193,7 @@ class LLM:
                 seq.slot = free.pop()
                 admitted.append(seq)
             batch = admitted or running  # prefill newcomers first; decode otherwise
-            self._step(batch, on_token, start_time)
+            self._step(batch, on_token, start_time, boundary)
             running = [s for s in running + admitted if s.finish_reason is None]
             free.extend(s.slot for s in batch if s.finish_reason is not None)
         return [self._completion(s, start_time) for s in seqs]
@@ -201,10 +207,11 @@ class LLM:
         return SeqState(request_id=request_id, prompt_len=len(ids), tokens=list(ids), params=params,
                         seed=resolve_seed(params), detok=detok)
 
-    def _step(self, batch: list[SeqState], on_token: Callable[[int, int], None] | None, t0: float) -> None:
+    def _step(self, batch: list[SeqState], on_token: Callable[[int, int], None] | None, t0: float,
+              boundary: Boundary | None = None) -> None:
         tick = time.perf_counter()
         new = [s.tokens[s.cached:] for s in batch]
-        logits = self.forward([s.slot for s in batch], [s.cached for s in batch], new)
+        logits = self.forward([s.slot for s in batch], [s.cached for s in batch], new, boundary=boundary)
         tokens = sample(logits, [s.params for s in batch], [s.seed for s in batch],
                         [len(s.tokens) for s in batch],
                         [s.tokens for s in batch] if any(s.params.repetition_penalty != 1.0 for s in batch) else None)
@@ -235,16 +242,22 @@ class LLM:
                           time_to_first_token=seq.first_token_time or 0.0)
 
     def forward(self, slots: list[int], starts: list[int], new_tokens: list[list[int]], *,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, boundary: Boundary | None = None) -> torch.Tensor:
         """One batch step through every stage: logits [B, vocab], or with ``all_logits`` [B, T, vocab]
-        for every new token (rows shorter than T = the longest row are zero-padded)."""
+        for every new token (rows shorter than T = the longest row are zero-padded).
+
+        ``boundary(i, h)``, if given, replaces the hidden states ``h`` [N, hidden] leaving stage i before
+        they enter stage i+1 (every stage but the last), e.g. to model a lossy wire codec between stages."""
         lengths = [len(t) for t in new_tokens]
         h = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long, device=self.stages[0].device)
         meta = self.stages[0].make_meta(slots, starts, lengths)
-        for stage, cache in zip(self.stages, self.caches, strict=True):
+        last = len(self.stages) - 1
+        for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
             if h.device != stage.device:
                 h = h.to(stage.device)
             h = stage(h, meta, cache, all_logits=all_logits)
+            if boundary is not None and i < last:
+                h = boundary(i, h)
         if not all_logits:
             return h
         out = h.new_zeros(len(lengths), max(lengths), h.shape[-1])

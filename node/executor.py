@@ -28,7 +28,14 @@ from engine.kv_cache import KVCache
 from engine.parallel import TPGroup
 from engine.sampling import sample
 from engine.stage import StageModel, parse_dtype
-from node.wire import WireError, sampling_from_proto, tensor_from_proto, tensor_to_proto
+from node.wire import (
+    WireError,
+    decode_from_proto,
+    encoded_to_proto,
+    sampling_from_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from tensorfleet.v1 import node_pb2, node_pb2_grpc
 
 OP_STEP, OP_STOP = 1, 2
@@ -58,6 +65,8 @@ class ExecutorSpec:
     cache_dir: str | None = None  # ...or from the node's content-addressed cache
     manifest_path: str | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    codec: str = ""  # how hidden states to the next stage are compressed ("" or "exact": not at all)
+    codec_min_tokens: int = 0  # messages of fewer tokens go uncompressed
 
 
 class StageRunner:
@@ -130,6 +139,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
+        from engine.codecs import make_codec
+
+        self.codec = make_codec(spec.codec) if spec.codec and spec.codec != "exact" and not self.is_last else None
         self.downstream = None
         self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
@@ -209,20 +221,34 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if self.runner.stage.is_first:
             x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:
-            x = tensor_from_proto(msg.hidden)
-            if tuple(x.shape) != (sum(lengths), self.runner.cfg.hidden_size):
-                raise ValueError(f"hidden states of shape {tuple(x.shape)} do not fit a step of {lengths}")
+            x = self._hidden(msg, sum(lengths))
         if self.broadcast is not None:
             self.broadcast.send(OP_STEP, slots, starts, lengths, x)
         out = self.runner.run(slots, starts, lengths, x)
         if not self.is_last:
-            down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs,
-                                        hidden=tensor_to_proto(out))
+            down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs)
+            if self.codec is not None and out.shape[0] >= self.spec.codec_min_tokens:
+                down.encoded_hidden.CopyFrom(encoded_to_proto(self.codec.encode(out, key=self.spec.end)))
+            else:
+                down.hidden.CopyFrom(tensor_to_proto(out))
             return self._downstream().submit(down)
         tokens = self._sample(seqs, out)
         result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
                              for s, t in zip(seqs, tokens, strict=True))
         return result
+
+    def _hidden(self, msg: node_pb2.StepMessage, num_tokens: int) -> torch.Tensor:
+        """The step's incoming hidden states [num_tokens, hidden], plain or compressed, validated."""
+        if msg.HasField("encoded_hidden"):
+            x = decode_from_proto(msg.encoded_hidden)
+        elif msg.HasField("hidden"):
+            x = tensor_from_proto(msg.hidden)
+        else:
+            raise ValueError("a step for a stage after the first needs hidden states")
+        if tuple(x.shape) != (num_tokens, self.runner.cfg.hidden_size) or not x.dtype.is_floating_point:
+            raise ValueError(f"hidden states of shape {tuple(x.shape)} and {x.dtype} do not fit a step of "
+                             f"{num_tokens} tokens")
+        return x.to(self.runner.stage.dtype)
 
     def _sample(self, seqs, logits: torch.Tensor) -> list[int]:  # noqa: ANN001
         params = [sampling_from_proto(s.sampling) for s in seqs]

@@ -10,14 +10,18 @@ import math
 
 import torch
 
+from engine.codecs import Encoded, make_codec
 from engine.sampling import SamplingParams
 from tensorfleet.v1 import common_pb2
 
 MAX_TENSOR_BYTES = 1 << 31  # 2 GiB: far above any activation message, far below what would exhaust a node
+MAX_CODEC_SPEC = 200  # characters
+MAX_PARTS = 8
 
 _TO_PROTO = {torch.float32: common_pb2.DTYPE_FLOAT32, torch.float16: common_pb2.DTYPE_FLOAT16,
              torch.bfloat16: common_pb2.DTYPE_BFLOAT16, torch.int64: common_pb2.DTYPE_INT64,
-             torch.int32: common_pb2.DTYPE_INT32}
+             torch.int32: common_pb2.DTYPE_INT32, torch.int8: common_pb2.DTYPE_INT8,
+             torch.uint8: common_pb2.DTYPE_UINT8}
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 
 
@@ -59,6 +63,32 @@ def tensor_from_proto(msg: common_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYT
         return torch.empty(shape, dtype=dtype, device=device)
     flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
     return flat.reshape(shape).to(device)
+
+
+def encoded_to_proto(e: Encoded) -> common_pb2.EncodedTensor:
+    msg = common_pb2.EncodedTensor(codec=e.codec, shape=list(e.shape), dtype=dtype_to_proto(e.dtype))
+    for name, part in e.parts.items():
+        msg.parts[name].CopyFrom(tensor_to_proto(part))
+    return msg
+
+
+def decode_from_proto(msg: common_pb2.EncodedTensor, *, max_bytes: int = MAX_TENSOR_BYTES,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor an EncodedTensor carries, decoded; WireError for anything malformed."""
+    if len(msg.codec) > MAX_CODEC_SPEC or len(msg.parts) > MAX_PARTS:
+        raise WireError(f"encoded tensor with a {len(msg.codec)}-character codec spec and {len(msg.parts)} parts")
+    dtype = dtype_from_proto(msg.dtype)
+    if not dtype.is_floating_point:
+        raise WireError(f"an encoded tensor must decode to floats, not {dtype}")
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > max_bytes:
+        raise WireError(f"encoded tensor shape {list(shape)} is negative or too large")
+    parts = {name: tensor_from_proto(t, max_bytes=max_bytes, device=device) for name, t in msg.parts.items()}
+    try:
+        codec = make_codec(msg.codec)
+        return codec.decode(Encoded(codec=msg.codec, shape=shape, dtype=dtype, parts=parts))
+    except (ValueError, RuntimeError) as e:  # a bad spec, missing or misshapen parts
+        raise WireError(f"cannot decode a {msg.codec!r} tensor: {e}") from e
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:

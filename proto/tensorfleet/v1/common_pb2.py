@@ -24,29 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btensorfleet/v1/common.proto\x12\x0etensorfleet.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x97\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x07\n\x05_seed\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x1f\n\x0ePlacementEpoch\x12\r\n\x05value\x18\x01 \x01(\x04\"\xd7\x01\n\nDeviceInfo\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.tensorfleet.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cmatmul_flops\x18\x06 \x01(\x01\x12$\n\x1cmemory_bandwidth_bytes_per_s\x18\x07 \x01(\x01\x12\x0f\n\x07ordinal\x18\x08 \x01(\r\"\x82\x01\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.DeviceInfo\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x19\n\x11host_memory_bytes\x18\x05 \x01(\x04*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x01\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btensorfleet/v1/common.proto\x12\x0etensorfleet.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd2\x01\n\rEncodedTensor\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\x37\n\x05parts\x18\x04 \x03(\x0b\x32(.tensorfleet.v1.EncodedTensor.PartsEntry\x1a\x44\n\nPartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.tensorfleet.v1.Tensor:\x02\x38\x01\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x97\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x07\n\x05_seed\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x1f\n\x0ePlacementEpoch\x12\r\n\x05value\x18\x01 \x01(\x04\"\xd7\x01\n\nDeviceInfo\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.tensorfleet.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cmatmul_flops\x18\x06 \x01(\x01\x12$\n\x1cmemory_bandwidth_bytes_per_s\x18\x07 \x01(\x01\x12\x0f\n\x07ordinal\x18\x08 \x01(\r\"\x82\x01\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.DeviceInfo\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x19\n\x11host_memory_bytes\x18\x05 \x01(\x04*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x01\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorfleet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=858
-  _globals['_DTYPE']._serialized_end=1013
-  _globals['_DEVICEKIND']._serialized_start=1015
-  _globals['_DEVICEKIND']._serialized_end=1099
+  _globals['_ENCODEDTENSOR_PARTSENTRY']._loaded_options = None
+  _globals['_ENCODEDTENSOR_PARTSENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=1071
+  _globals['_DTYPE']._serialized_end=1226
+  _globals['_DEVICEKIND']._serialized_start=1228
+  _globals['_DEVICEKIND']._serialized_end=1312
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=122
-  _globals['_TOKENIDS']._serialized_start=124
-  _globals['_TOKENIDS']._serialized_end=147
-  _globals['_SAMPLINGPARAMS']._serialized_start=150
-  _globals['_SAMPLINGPARAMS']._serialized_end=429
-  _globals['_LAYERRANGE']._serialized_start=431
-  _globals['_LAYERRANGE']._serialized_end=471
-  _globals['_PLACEMENTEPOCH']._serialized_start=473
-  _globals['_PLACEMENTEPOCH']._serialized_end=504
-  _globals['_DEVICEINFO']._serialized_start=507
-  _globals['_DEVICEINFO']._serialized_end=722
-  _globals['_NODEINFO']._serialized_start=725
-  _globals['_NODEINFO']._serialized_end=855
+  _globals['_ENCODEDTENSOR']._serialized_start=125
+  _globals['_ENCODEDTENSOR']._serialized_end=335
+  _globals['_ENCODEDTENSOR_PARTSENTRY']._serialized_start=267
+  _globals['_ENCODEDTENSOR_PARTSENTRY']._serialized_end=335
+  _globals['_TOKENIDS']._serialized_start=337
+  _globals['_TOKENIDS']._serialized_end=360
+  _globals['_SAMPLINGPARAMS']._serialized_start=363
+  _globals['_SAMPLINGPARAMS']._serialized_end=642
+  _globals['_LAYERRANGE']._serialized_start=644
+  _globals['_LAYERRANGE']._serialized_end=684
+  _globals['_PLACEMENTEPOCH']._serialized_start=686
+  _globals['_PLACEMENTEPOCH']._serialized_end=717
+  _globals['_DEVICEINFO']._serialized_start=720
+  _globals['_DEVICEINFO']._serialized_end=935
+  _globals['_NODEINFO']._serialized_start=938
+  _globals['_NODEINFO']._serialized_end=1068
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ class LocalRank(_message.Message):
     def __init__(self, device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "num_slots", "max_seq_len", "next_stage_address", "weight_source")
+    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "num_slots", "max_seq_len", "next_stage_address", "weight_source", "codec", "codec_min_tokens")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class LoadStageRequest(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_STAGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     stage_index: int
@@ -63,7 +65,9 @@ class LoadStageRequest(_message.Message):
     max_seq_len: int
     next_stage_address: str
     weight_source: WeightSource
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., num_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ..., weight_source: _Optional[_Union[WeightSource, str]] = ...) -> None: ...
+    codec: str
+    codec_min_tokens: int
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., num_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ..., weight_source: _Optional[_Union[WeightSource, str]] = ..., codec: _Optional[str] = ..., codec_min_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadStageResponse(_message.Message):
     __slots__ = ("epoch", "weight_bytes", "kv_cache_bytes", "load_seconds", "stage_address", "fetched_bytes")
@@ -98,16 +102,18 @@ class SequenceStep(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class StepMessage(_message.Message):
-    __slots__ = ("epoch", "step_id", "sequences", "hidden")
+    __slots__ = ("epoch", "step_id", "sequences", "hidden", "encoded_hidden")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     hidden: _common_pb2.Tensor
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    encoded_hidden: _common_pb2.EncodedTensor
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoded_hidden: _Optional[_Union[_common_pb2.EncodedTensor, _Mapping]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "slot", "token_id")

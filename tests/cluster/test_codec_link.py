@@ -1,0 +1,45 @@
+"""Compressed hidden states between stages on a real cluster: a 2-stage cluster whose link uses a codec
+produces exactly the tokens of the single-process engine with the same codec applied at the same layer
+boundary (the wire adds nothing to the codec's own error), and a malformed codec is refused at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.api import TensorfleetClient
+from coordinator.local_cluster import LocalCluster, NodeSpec
+from engine.codecs import make_codec
+from engine.llm import LLM, EngineConfig
+from engine.sampling import SamplingParams
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name a famous painter."]
+SPEC, TOKENS = "int4", 16  # coarse enough to change tokens: the test sees that the link used it
+
+
+def test_a_compressed_link_equals_the_engine_with_the_same_codec(tmp_path: Path, embedded_model_dir) -> None:  # noqa: ANN001
+    nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)) for _ in range(2)]
+    with LocalCluster(tmp_path, model=str(embedded_model_dir), nodes=nodes, coordinator_args=[
+            "--stages", "2", "--codec", SPEC, "--codec-min-tokens", "0", "--slots", "2", "--max-seq-len", "256"]) as c:
+        with TensorfleetClient(c.address) as client:
+            ranges = [(s.layers.start, s.layers.end) for s in client.status().stages]
+            got = [client.generate(p, max_tokens=TOKENS, ignore_eos=True).token_ids for p in PROMPTS]
+    llm = LLM(EngineConfig(model=str(embedded_model_dir), num_slots=2, max_seq_len=256), layer_ranges=ranges)
+    codec = make_codec(SPEC)
+    expected = [llm.generate([p], SamplingParams(max_tokens=TOKENS, ignore_eos=True), chat=True,
+                             boundary=lambda i, h: codec.decode(codec.encode(h)))[0].token_ids for p in PROMPTS]
+    exact = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=TOKENS, ignore_eos=True),
+                                               chat=True)]
+    assert got == expected
+    assert got != exact
+    assert len(ranges) == 2 and sum(len(t) for t in got) == len(PROMPTS) * TOKENS
+
+
+@pytest.mark.parametrize("spec, complaint", [("zstd", "unknown codec 'zstd'"), ("int8:block=0", "block=0")])
+def test_a_bad_codec_is_refused_at_start(spec: str, complaint: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "start", "--codec", spec, "--port", "1"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 2 and complaint in out.stderr
