@@ -81,13 +81,15 @@ class Encoded:
 class Codec(ABC):
     name: ClassVar[str]
     PARAMS: ClassVar[dict[str, type]] = {}
+    QUIET: ClassVar[dict[str, object]] = {}  # parameters left out of the spec at these values
 
     @property
     def spec(self) -> str:
         """Canonical spec: ``make_codec(c.spec)`` builds an equivalent codec."""
-        if not self.PARAMS:
+        shown = [k for k in self.PARAMS if k not in self.QUIET or getattr(self, k) != self.QUIET[k]]
+        if not shown:
             return self.name
-        return f"{self.name}:" + ",".join(f"{k}={_format(getattr(self, k))}" for k in self.PARAMS)
+        return f"{self.name}:" + ",".join(f"{k}={_format(getattr(self, k))}" for k in shown)
 
     @abstractmethod
     def encode(self, x: torch.Tensor, *, key: Hashable | None = None) -> Encoded: ...
@@ -221,47 +223,79 @@ def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
     return nibbles.to(torch.int8) - 8
 
 
-class _BlockCodec(Codec):
-    """Per-block absmax quantization along the last dimension, optionally after the rotation."""
+MAX_OUTLIERS = 64  # per row
+MAX_OUTLIER_WIDTH = 1 << 15  # outlier positions travel as int16
 
-    PARAMS = {"block": int, "rotate": bool}
+
+class _BlockCodec(Codec):
+    """Per-block absmax quantization along the last dimension, optionally after the rotation.
+
+    ``outliers=k`` > 0 takes each row's k largest magnitudes out first and sends them exactly (values in
+    the input's dtype, positions as int16); the rest is rotated and quantized. Hidden states of some
+    models carry a few "massive activations" (SmolLM2: one channel near 2e4 against a typical 2): in a
+    block, or spread by the rotation, they leave the other values a few codes. With them out, the
+    blocks' scales are moderate, so int8 then stores its scales in fp16 as int4 does.
+    """
+
+    PARAMS = {"block": int, "rotate": bool, "outliers": int}
+    QUIET = {"outliers": 0}
     qmax: ClassVar[int]
-    scale_dtype: ClassVar[torch.dtype]
     nibbles: ClassVar[bool]  # codes packed two per byte
 
-    def __init__(self, block: int, rotate: bool) -> None:
+    def __init__(self, block: int, rotate: bool, outliers: int, scale_dtype: torch.dtype) -> None:
         _check_block(block)
-        self.block, self.rotate = block, rotate
+        if not 0 <= outliers <= MAX_OUTLIERS:
+            raise ConfigError(f"outliers={outliers} must be in 0..{MAX_OUTLIERS}")
+        self.block, self.rotate, self.outliers, self.scale_dtype = block, rotate, outliers, scale_dtype
 
     def encode(self, x: torch.Tensor, *, key: Hashable | None = None) -> Encoded:
         rows = _rows(x, self.name)
+        parts: dict[str, torch.Tensor] = {}
+        if self.outliers:
+            m = rows.shape[1]
+            if m >= MAX_OUTLIER_WIDTH or self.outliers > m:
+                raise ValueError(f"{self.spec}: rows of {m} values cannot carry {self.outliers} outliers")
+            idx = rows.abs().topk(self.outliers, dim=1).indices  # [n, k]
+            parts["outlier_pos"] = idx.to(torch.int16).contiguous()
+            parts["outlier_val"] = rows.gather(1, idx).to(x.dtype).contiguous()
+            rows = rows.scatter(1, idx, 0.0)
         y = hadamard_rotate(rows) if self.rotate else rows
         q, scale = quantize_blocks(y, self.block, self.qmax, self.scale_dtype)
-        parts = {"q": pack_int4(q) if self.nibbles else q, "scale": scale}
+        parts |= {"q": pack_int4(q) if self.nibbles else q, "scale": scale}
         return Encoded(self.spec, tuple(x.shape), x.dtype, parts)
 
     def decode(self, e: Encoded) -> torch.Tensor:
         self._check_codec(e)
         n, m = _dims(e)
         codes = (torch.uint8, (-(-n * m // 2),)) if self.nibbles else (torch.int8, (n, m))
-        _check_parts(e, {"q": codes, "scale": (self.scale_dtype, (n, -(-m // self.block)))})
+        expected = {"q": codes, "scale": (self.scale_dtype, (n, -(-m // self.block)))}
+        if self.outliers:
+            expected |= {"outlier_pos": (torch.int16, (n, self.outliers)),
+                         "outlier_val": (e.dtype, (n, self.outliers))}
+        _check_parts(e, expected)
         q = unpack_int4(e.parts["q"], n * m).view(n, m) if self.nibbles else e.parts["q"]
         y = dequantize_blocks(q, e.parts["scale"], self.block)
-        return (hadamard_unrotate(y) if self.rotate else y).to(e.dtype).reshape(e.shape)
+        rows = hadamard_unrotate(y) if self.rotate else y
+        if self.outliers:
+            pos = e.parts["outlier_pos"].long()
+            if pos.numel() and (pos.min() < 0 or pos.max() >= m):
+                raise ValueError(f"{e.codec}: outlier positions outside 0..{m - 1}")
+            rows = rows.scatter(1, pos, e.parts["outlier_val"].float())
+        return rows.to(e.dtype).reshape(e.shape)
 
 
 class Int8BlockCodec(_BlockCodec):
-    name, qmax, scale_dtype, nibbles = "int8", 127, torch.float32, False
+    name, qmax, nibbles = "int8", 127, False
 
-    def __init__(self, block: int = 128, rotate: bool = False) -> None:
-        super().__init__(block, rotate)
+    def __init__(self, block: int = 128, rotate: bool = False, outliers: int = 0) -> None:
+        super().__init__(block, rotate, outliers, torch.float16 if outliers else torch.float32)
 
 
 class Int4HadamardCodec(_BlockCodec):
-    name, qmax, scale_dtype, nibbles = "int4", 7, torch.float16, True
+    name, qmax, nibbles = "int4", 7, True
 
-    def __init__(self, block: int = 32, rotate: bool = True) -> None:
-        super().__init__(block, rotate)
+    def __init__(self, block: int = 32, rotate: bool = True, outliers: int = 0) -> None:
+        super().__init__(block, rotate, outliers, torch.float16)
 
 
 # ---- low rank (PowerSGD) ----

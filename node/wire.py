@@ -21,7 +21,7 @@ MAX_PARTS = 8
 _TO_PROTO = {torch.float32: common_pb2.DTYPE_FLOAT32, torch.float16: common_pb2.DTYPE_FLOAT16,
              torch.bfloat16: common_pb2.DTYPE_BFLOAT16, torch.int64: common_pb2.DTYPE_INT64,
              torch.int32: common_pb2.DTYPE_INT32, torch.int8: common_pb2.DTYPE_INT8,
-             torch.uint8: common_pb2.DTYPE_UINT8}
+             torch.uint8: common_pb2.DTYPE_UINT8, torch.int16: common_pb2.DTYPE_INT16}
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 
 

@@ -360,7 +360,7 @@ def test_make_codec_parses_specs(spec: str, cls: type, attrs: dict, canonical: s
     [
         ("", "unknown codec '' in ''; known: exact, int8, int4, lowrank"),
         ("zstd", "unknown codec 'zstd'"),
-        ("int8:blocks=64", "codec 'int8' has no parameter 'blocks' \\(parameters: block, rotate\\)"),
+        ("int8:blocks=64", "codec 'int8' has no parameter 'blocks' \\(parameters: block, rotate, outliers\\)"),
         ("exact:block=1", "codec 'exact' has no parameter 'block' \\(parameters: none\\)"),
         ("int8:block=0", "block=0 must be in 1..65536"),
         ("int4:block=-32", "block=-32 must be in 1..65536"),
@@ -397,3 +397,43 @@ def test_codecs_run_on_the_gpu_and_decode_anywhere(spec: str) -> None:
     torch.testing.assert_close(decode(on_cpu), y.cpu(), rtol=2**-7, atol=1e-3 * x.float().abs().max().item())
     cpu_error = rel_err(x.cpu(), round_trip(spec, x.cpu()))
     assert rel_err(x, y) <= 1.01 * cpu_error + 1e-3
+
+
+# ---- outliers kept exact ----
+
+
+@pytest.mark.parametrize("spec", ["int8:outliers=4", "int8:rotate=true,outliers=4", "int4:outliers=4",
+                                  "int4:rotate=false,outliers=8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outliers_travel_exactly_and_the_rest_keeps_its_precision(spec: str, dtype: torch.dtype) -> None:
+    x = randn(9, 576, dtype=dtype)
+    x[:, 507] = 2e4  # a massive activation, as SmolLM2's hidden states carry (channel 507 near 2e4)
+    x[::2, 11] = -900.0
+    y = round_trip(spec, x)
+    assert torch.equal(y[:, 507], x[:, 507]) and torch.equal(y[::2, 11], x[::2, 11])
+    rest = torch.ones(576, dtype=torch.bool)
+    rest[[11, 507]] = False
+    plain = spec.replace(",outliers=4", "").replace(":outliers=4", "").replace(",outliers=8", "")
+    err, err_plain = rel_err(x[:, rest], y[:, rest]), rel_err(x[:, rest], round_trip(plain, x)[:, rest])
+    # Without the outliers in the blocks, the ordinary channels keep the codec's usual precision.
+    assert err < (0.03 if spec.startswith("int8") else 0.2) and err < err_plain / 3
+
+
+def test_outliers_cost_few_bytes_and_keep_int8_above_1_9x_over_bf16() -> None:
+    x = randn(64, 576, dtype=torch.bfloat16)
+    raw = x.numel() * 2
+    assert raw / make_codec("int8:outliers=4").encode(x).nbytes >= 1.9
+    assert raw / make_codec("int4:outliers=4").encode(x).nbytes >= 3.3
+
+
+def test_outlier_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="outliers=65 must be in 0..64"):
+        make_codec("int8:outliers=65")
+    with pytest.raises(ValueError, match="cannot carry 8 outliers"):
+        make_codec("int8:outliers=8").encode(randn(2, 4))
+    e = make_codec("int8:outliers=2").encode(randn(3, 64))
+    bad = Encoded(e.codec, e.shape, e.dtype, {**e.parts, "outlier_pos": torch.full((3, 2), 64, dtype=torch.int16)})
+    with pytest.raises(ValueError, match="outlier positions outside"):
+        decode(bad)
+    assert make_codec("int8:outliers=0").spec == "int8:block=128,rotate=false"
+    assert make_codec("int4:outliers=3").spec == "int4:block=32,rotate=true,outliers=3"

@@ -17,6 +17,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_INT32: _ClassVar[DType]
     DTYPE_INT8: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
 
 class DeviceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ DTYPE_INT64: DType
 DTYPE_INT32: DType
 DTYPE_INT8: DType
 DTYPE_UINT8: DType
+DTYPE_INT16: DType
 DEVICE_KIND_UNSPECIFIED: DeviceKind
 DEVICE_KIND_CUDA: DeviceKind
 DEVICE_KIND_CPU: DeviceKind
