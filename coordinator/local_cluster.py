@@ -91,7 +91,8 @@ class LocalCluster:
             if old.poll() is None:
                 raise RuntimeError("the coordinator is still running")
             runs = sum(1 for name in self.procs if name.startswith("coordinator"))
-            self.procs[f"coordinator-run{runs}"] = old
+            self.procs[f"coordinator-run{runs}"] = old  # still stopped with the rest
+            self.expected_exits.add(f"coordinator-run{runs}")
         self.expected_exits.discard("coordinator")
         return self._spawn("coordinator", args)
 
@@ -114,7 +115,7 @@ class LocalCluster:
         with TensorfleetClient(self.address, timeout=5) as client:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
-                    if proc.poll() is not None and name not in self.expected_exits and "-run" not in name:
+                    if proc.poll() is not None and name not in self.expected_exits:
                         raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
                 try:
                     if client.status().stages:

@@ -48,8 +48,11 @@ class Placer:
     def __init__(self, *, config: Any, hf_config: dict, model_name: str, scheduler: Scheduler,
                  set_serving: Callable[[bool], None]) -> None:
         self.config, self.hf_config, self.model_name = config, hf_config, model_name
+        from engine.stage import parse_dtype
+
         self.scheduler = scheduler
         self.set_serving = set_serving
+        self.dtype = parse_dtype(config.dtype)
         self.membership = Membership(timeout_s=config.heartbeat_timeout_ms / 1000)
         self.lock = threading.RLock()  # the fields below
         self.epoch = 0
@@ -127,7 +130,7 @@ class Placer:
             self.fail([n for n in dead if n in members], reason)
         else:
             log(f"a step failed but every node is healthy: failing its requests ({error})")
-            self.scheduler.fail_held(error)
+            self.scheduler.fail_held()
 
     # --------------------------------------------------------------------------------- placement
     def place_if_needed(self) -> None:
@@ -147,17 +150,13 @@ class Placer:
             self.change(rebalance)
 
     def _rebalance_pays(self) -> Change | None:
-        from coordinator.placement import PlacementError, plan_placement
+        from coordinator.placement import PlacementError
 
         members = self.membership.planned()
-        devices, profile = self._devices_and_profile(members)
         try:
-            best = plan_placement(devices, profile, num_stages=self.config.num_stages)
+            best = self._plan(*self._devices_and_profile(members), prefer=None)
         except PlacementError:
-            try:
-                best = plan_placement(devices, profile)
-            except PlacementError:
-                return None
+            return None
         current = self.plan.est_step_time_s if self.plan is not None else 0.0
         if best.est_step_time_s * REBALANCE_GAIN > current:
             return None
@@ -214,20 +213,18 @@ class Placer:
 
     def _place(self, members: list[Member], change: Change) -> None:
         from coordinator.placement import PlacementError, layers_moved
-        from engine.stage import parse_dtype
 
         if not members:
             raise PlacementError("no node is left")
         devices, profile = self._devices_and_profile(members)
-        dtype = parse_dtype(self.config.dtype)
-        plan = self._plan(devices, profile)
+        plan = self._plan(devices, profile, prefer=self.plan)
         capacities = stage_capacities(plan, devices, profile, max_seq_len=self.config.max_seq_len,
                                       kv_memory_fraction=self.config.kv_memory_fraction)
         num_slots = choose_slots(capacities, requested=self.config.num_slots, max_slots=self.config.max_slots)
         with self.lock:
             epoch = self.epoch + 1
             self.epoch = epoch  # even if loading fails: stages loaded under it are never used
-        infos = self._load_stages(plan, {m.node_id: m for m in members}, epoch, dtype, num_slots, capacities)
+        infos = self._load_stages(plan, {m.node_id: m for m in members}, epoch, num_slots, capacities)
         stream = StageStream(infos[0].address)
         moved = layers_moved(self.plan, plan, profile.num_layers)
         with self.lock:
@@ -245,15 +242,13 @@ class Placer:
 
     def _devices_and_profile(self, members: list[Member]) -> tuple[list, Any]:
         from coordinator.placement import DeviceCapacity, profile_from_config
-        from engine.stage import parse_dtype
 
-        dtype = parse_dtype(self.config.dtype)
         devices = [DeviceCapacity(node_id=m.node_id, device_index=d.index,
                                   kind="cuda" if d.kind == common_pb2.DEVICE_KIND_CUDA else "cpu",
                                   free_memory_bytes=d.free_memory_bytes, matmul_flops=d.matmul_flops,
                                   memory_bandwidth=d.memory_bandwidth_bytes_per_s)
                    for m in members for d in m.info.devices]
-        profile = profile_from_config(self.hf_config, dtype_bytes=dtype.itemsize,
+        profile = profile_from_config(self.hf_config, dtype_bytes=self.dtype.itemsize,
                                       kv_reserve_tokens=(self.config.num_slots or 1) * self.config.max_seq_len)
         return devices, profile
 
@@ -263,20 +258,20 @@ class Placer:
 
         if not members:
             raise PlacementError("no other node would be left")
-        self._plan(*self._devices_and_profile(members))
+        self._plan(*self._devices_and_profile(members), prefer=self.plan)
 
-    def _plan(self, devices: list, profile: Any) -> Any:
+    def _plan(self, devices: list, profile: Any, *, prefer: Any) -> Any:
         from coordinator.placement import PlacementError, plan_placement
 
         try:
-            return plan_placement(devices, profile, num_stages=self.config.num_stages, prefer=self.plan)
+            return plan_placement(devices, profile, num_stages=self.config.num_stages, prefer=prefer)
         except PlacementError:
             if self.config.num_stages is None or self.plan is None:
                 raise
             # After a failure the operator's stage count may no longer fit: the planner's choice does.
-            return plan_placement(devices, profile, prefer=self.plan)
+            return plan_placement(devices, profile, prefer=prefer)
 
-    def _load_stages(self, plan: Any, by_id: dict[str, Member], epoch: int, dtype: Any, num_slots: int,
+    def _load_stages(self, plan: Any, by_id: dict[str, Member], epoch: int, num_slots: int,
                      capacities: list) -> list[coordinator_pb2.StageInfo]:
         """LoadStage on every stage's node, last stage first (each needs the next one's address)."""
         infos, next_address = [], ""
@@ -290,7 +285,7 @@ class Placer:
             req = node_pb2.LoadStageRequest(
                 epoch=common_pb2.PlacementEpoch(value=epoch), model=self.model_name, stage_index=index,
                 num_stages=len(plan.stages), layers=common_pb2.LayerRange(start=sp.start, end=sp.end),
-                dtype=dtype_to_proto(dtype), group=node_pb2.TensorParallelGroup(world_size=len(sp.members)),
+                dtype=dtype_to_proto(self.dtype), group=node_pb2.TensorParallelGroup(world_size=len(sp.members)),
                 local_ranks=[node_pb2.LocalRank(device_index=d, tp_rank=r) for r, (_, d) in enumerate(sp.members)],
                 num_slots=num_slots, max_seq_len=self.config.max_seq_len,
                 next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED,

@@ -162,11 +162,11 @@ class Scheduler:
             self.cv.notify_all()
             return len(replay)
 
-    def fail_held(self, error: str) -> None:
-        """The failed step was bad, not a node: end its requests with ``error`` and go on."""
+    def fail_held(self) -> None:
+        """The failed step was bad, not a node: end its requests with their step's error and go on."""
         with self.cv:
             for req in [r for r in self.running if r.held_error is not None]:
-                req.events.put(Event([], "", "error", error=f"the pipeline failed: {req.held_error or error}"))
+                req.events.put(Event([], "", "error", error=f"the pipeline failed: {req.held_error}"))
                 self._release(req)
             self.holding = False
             self.cv.notify_all()

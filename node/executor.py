@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.codecs import make_codec
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.parallel import TPGroup
@@ -139,8 +140,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
-        from engine.codecs import make_codec
-
         self.codec = make_codec(spec.codec) if spec.codec and spec.codec != "exact" and not self.is_last else None
         self.downstream = None
         self.route_lock = threading.Lock()  # epoch, next_address, downstream

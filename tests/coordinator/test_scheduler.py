@@ -345,7 +345,7 @@ def test_a_failed_step_holds_until_the_coordinator_decides() -> None:
         assert verdicts == ["stage 1 is gone"]
         assert len(pipe.wait_steps(1)) == 1, "nothing is sent while the scheduler holds"
         assert a.events.empty()
-        s.fail_held("stage 1 is gone")  # the coordinator found every node healthy
+        s.fail_held()  # the coordinator found every node healthy
         assert a.events.get(timeout=5).error == "the pipeline failed: stage 1 is gone"
         msg, done = pipe.wait_steps(2)[1]  # b goes on
         assert [q.request_id for q in msg.sequences] == ["b"]
