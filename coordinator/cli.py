@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="while the nodes left cannot hold the model, requests wait this long for a node to "
                             "join, then fail with UNAVAILABLE (default: %(default)s)")
     start.add_argument("--codec", default="exact", metavar="SPEC",
-                       help="compress the hidden states stages send to each other: exact (default), int8, "
-                            "int8:rotate=true, int4, lowrank:rank=8, ... (engine/codecs.py)")
+                       help="compress the hidden states stages send to each other: exact (default); a codec for "
+                            "every link, e.g. int8:rotate=true,outliers=3, int4, lowrank:rank=8 (engine/codecs.py); "
+                            "or auto / auto:SPEC: each link measures its bandwidth and compresses with SPEC "
+                            "(default int8:rotate=true,outliers=3) the messages where that saves time (node/link.py)")
     start.add_argument("--codec-min-tokens", type=int, default=defaults.CODEC_MIN_TOKENS, metavar="N",
                        help="messages of fewer tokens (decode steps) go uncompressed (default: %(default)s)")
     return parser

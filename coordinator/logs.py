@@ -1,12 +1,9 @@
-"""The coordinator's log lines: wall-clock time to the millisecond, then what happened (to stderr)."""
+"""The coordinator's log lines (engine/logs.py)."""
 
 from __future__ import annotations
 
-import sys
-import time
+from engine.logs import log_line
 
 
 def log(msg: str) -> None:
-    now = time.time()
-    print(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d} [coordinator] {msg}",
-          file=sys.stderr, flush=True)
+    log_line("coordinator", msg)

@@ -51,7 +51,7 @@ class CoordinatorConfig:
     heartbeat_interval_ms: int = defaults.HEARTBEAT_INTERVAL_MS
     heartbeat_timeout_ms: int = defaults.HEARTBEAT_TIMEOUT_MS
     capacity_wait_s: float = defaults.CAPACITY_WAIT_S  # without a placement, requests wait this long
-    codec: str = "exact"  # how stages compress the hidden states they send on (engine/codecs.py specs)
+    codec: str = "exact"  # how stages compress the hidden states they send on: exact, SPEC, auto[:SPEC] (node/link.py)
     codec_min_tokens: int = defaults.CODEC_MIN_TOKENS  # smaller messages go uncompressed
     cache_dir: str | None = None
 
@@ -61,9 +61,9 @@ class CoordinatorConfig:
                                    f"below the timeout ({self.heartbeat_timeout_ms} ms)")
         if self.capacity_wait_s < 0:
             raise TensorfleetError(f"capacity wait {self.capacity_wait_s} s must be >= 0")
-        from engine.codecs import make_codec
+        from node.link import parse_link_codec
 
-        make_codec(self.codec)  # a ConfigError (a TensorfleetError) names what is wrong
+        parse_link_codec(self.codec)  # a ConfigError (a TensorfleetError) names what is wrong
         if self.codec_min_tokens < 0:
             raise TensorfleetError(f"codec_min_tokens={self.codec_min_tokens} must be >= 0")
 

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from concurrent import futures
@@ -27,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.errors import TensorfleetError
+from engine.logs import log_line
 from node.executor import ExecutorSpec, executor_main, standby_main
 from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.wire import dtype_from_proto
@@ -52,8 +52,7 @@ class NodeConfig:
 
 
 def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} [node] {msg}", file=sys.stderr,
-          flush=True)
+    log_line("node", msg)
 
 
 def free_port(host: str) -> int:

@@ -23,12 +23,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.codecs import make_codec
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.logs import log_line
 from engine.parallel import TPGroup
 from engine.sampling import sample
 from engine.stage import StageModel, parse_dtype
+from node.link import CodecCost, LinkPolicy, measure_cost, measure_link, parse_link_codec
 from node.wire import (
     WireError,
     decode_from_proto,
@@ -66,7 +67,7 @@ class ExecutorSpec:
     cache_dir: str | None = None  # ...or from the node's content-addressed cache
     manifest_path: str | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    codec: str = ""  # how hidden states to the next stage are compressed ("" or "exact": not at all)
+    codec: str = ""  # how hidden states to the next stage are compressed: node/link.py ("": exact)
     codec_min_tokens: int = 0  # messages of fewer tokens go uncompressed
 
 
@@ -140,7 +141,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
-        self.codec = make_codec(spec.codec) if spec.codec and spec.codec != "exact" and not self.is_last else None
+        self.policy = LinkPolicy(parse_link_codec("exact" if self.is_last else spec.codec),
+                                 min_tokens=spec.codec_min_tokens)
+        self._cost: CodecCost | None = None  # of the policy's codec on this device, measured once
         self.downstream = None
         self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
@@ -149,6 +152,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
         """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused."""
         with self.route_lock:
             old, self.downstream = self.downstream, None
+            if next_address != self.next_address:
+                self.policy.forget_link()
             self.epoch, self.next_address = epoch, next_address
             self.history.clear()
         if old is not None:
@@ -226,8 +231,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         out = self.runner.run(slots, starts, lengths, x)
         if not self.is_last:
             down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs)
-            if self.codec is not None and out.shape[0] >= self.spec.codec_min_tokens:
-                down.encoded_hidden.CopyFrom(encoded_to_proto(self.codec.encode(out, key=self.spec.end)))
+            codec = self.policy.choose(out.shape[0])
+            if codec is not None:
+                down.encoded_hidden.CopyFrom(encoded_to_proto(codec.encode(out, key=self.spec.end)))
             else:
                 down.hidden.CopyFrom(tensor_to_proto(out))
             return self._downstream().submit(down)
@@ -260,13 +266,37 @@ class StageServicer(node_pb2_grpc.StageServicer):
         return sample(logits, params, [s.seed for s in seqs], [s.start + len(s.token_ids) for s in seqs],
                       [self.history[s.slot] for s in seqs] if need_history else None).tolist()
 
+    def Probe(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC API
+        return node_pb2.ProbeResponse(received_bytes=len(request.payload))
+
     def _downstream(self):  # noqa: ANN202
         with self.route_lock:
             if self.downstream is None:
                 from node.stream import StageStream
 
                 self.downstream = StageStream(self.next_address)
+                if self.policy.mode.mode == "auto":
+                    threading.Thread(target=self._measure_link, args=(self.next_address,), name="link-probe",
+                                     daemon=True).start()
             return self.downstream
+
+    def _measure_link(self, address: str) -> None:
+        """Measure the link to ``address`` (and once, the codec's cost) for the auto policy; messages go
+        uncompressed until it is done. Runs beside the steps, so its probes share the link with them."""
+        name = f"stage {self.spec.start}-{self.spec.end - 1}"
+        try:
+            link = measure_link(address)
+            if self._cost is None:
+                stage = self.runner.stage
+                self._cost = measure_cost(self.policy.codec, self.runner.cfg.hidden_size, stage.dtype, stage.device)
+        except Exception as e:  # noqa: BLE001 - the link stays uncompressed; the steps report real failures
+            log_line("executor", f"{name}: cannot measure the link to {address}, sending exact: {e}")
+            return
+        with self.route_lock:
+            if address != self.next_address:
+                return  # re-placed meanwhile; the new route measures its own link
+            self.policy.measured(link, self._cost)
+        log_line("executor", f"{name} -> {address}: {self.policy.describe()}")
 
 
 # ------------------------------------------------------------------------------------ process main

@@ -118,6 +118,11 @@ class StageStub:
                 request_serializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.SerializeToString,
                 response_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/tensorfleet.v1.Stage/Probe',
+                request_serializer=tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -134,6 +139,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Swallows a payload and says how many bytes arrived: an upstream stage times it at a few sizes to
+        measure the bandwidth and latency of its link to this stage (the codec policy's input).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=tensorfleet_dot_v1_dot_node__pb2.StepMessage.FromString,
                     response_serializer=tensorfleet_dot_v1_dot_node__pb2.StepResult.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +190,33 @@ class Stage:
             '/tensorfleet.v1.Stage/Forward',
             tensorfleet_dot_v1_dot_node__pb2.StepMessage.SerializeToString,
             tensorfleet_dot_v1_dot_node__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Stage/Probe',
+            tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.SerializeToString,
+            tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
