@@ -12,9 +12,15 @@ and each rate, it measures:
 - decode tokens/s of one request of ``--decode-tokens`` tokens (after its first token).
 
 Decode messages (fewer than ``--codec-min-tokens`` rows) go uncompressed by design, so decode speed
-should not change. JSON to ``--out``, a table to stdout.
+should not change. ``auto`` in ``--codecs`` lets each link choose (node/link.py). JSON to ``--out``, a
+table to stdout.
+
+On a GPU, ``--device cuda --shape llama-3.2-1b`` serves a random-init model of that shape in bf16, both
+nodes on cuda:0 (compute no longer hides the link; the embedded model's accuracy is measured by
+scripts/bench_codecs.py, not here).
 
     sudo .venv/bin/python scripts/bench_links.py
+    sudo python3 scripts/bench_links.py --device cuda --shape llama-3.2-1b --dtype bfloat16
     .venv/bin/python scripts/bench_links.py --rates 100mbit --codecs exact,int8 --prompt-tokens 512
 """
 
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -34,6 +41,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "proto"))
+
+
+AUTO_SETTLE_S = 3.0  # an auto link's probes (a few MB) finish before the timed prompts start
 
 
 def log(msg: str) -> None:
@@ -49,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-step-tokens", type=int, default=256)
     p.add_argument("--codec-min-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where both nodes compute (cuda: both on cuda:0; default cpu, each node pinned to a core)")
+    p.add_argument("--shape", default=None, help="serve a random-init model of this shape (tests/engine/"
+                   "reference.py SHAPES, e.g. llama-3.2-1b) instead of the embedded model")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="serving dtype, also the wire's (default float32: bf16 prefill is several times slower "
                         "on CPUs without AVX-512 BF16)")
@@ -59,11 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     if not args.codecs or not args.rates or min(args.prompt_tokens) < 1 or args.repeats < 1:
         p.error("need codecs, rates, positive prompt lengths and --repeats >= 1")
-    from engine.codecs import make_codec
+    from node.link import parse_link_codec
 
     for spec in args.codecs:
         try:
-            make_codec(spec)
+            parse_link_codec(spec)
         except ValueError as e:
             p.error(str(e))
     return args
@@ -101,37 +115,58 @@ def decode_rate(client: Any, prompt: list[int], n: int) -> float:
 
 
 def measure(codec: str, args: argparse.Namespace, model_dir: str, vocab: int, work: Path) -> list[dict[str, Any]]:
+    rng = random.Random(1234)
+    prompts = {n: [rng.randrange(vocab) for _ in range(n)] for n in args.prompt_tokens}
+    rows = []
+    for rate in args.rates:  # a cluster per rate: an auto link measures its bandwidth when it connects
+        rows.append(measure_at(rate, codec, args, model_dir, prompts, work))
+    return rows
+
+
+def measure_at(rate: str, codec: str, args: argparse.Namespace, model_dir: str, prompts: dict[int, list[int]],
+               work: Path) -> dict[str, Any]:
     from client.api import TensorfleetClient
     from coordinator.local_cluster import LocalCluster, NodeSpec
     from tests.faults.netns import Fabric
 
-    rng = random.Random(1234)
-    prompts = {n: [rng.randrange(vocab) for _ in range(n)] for n in args.prompt_tokens}
-    rows = []
     with Fabric(2, prefix=f"tfl{os.getpid() % 1000}", subnet=f"10.79.{os.getpid() % 250}") as fabric:
-        nodes = [NodeSpec(devices="cpu", model_dir=model_dir, netns=fabric.netns(i), host=fabric.address(i),
-                          taskset=str(i)) for i in range(2)]
+        for i in range(2):
+            fabric.limit(i, rate)
+        on_gpu = args.device == "cuda"
+        nodes = [NodeSpec(devices="cuda:0" if on_gpu else "cpu", model_dir=model_dir, netns=fabric.netns(i),
+                          host=fabric.address(i), taskset=None if on_gpu else str(i)) for i in range(2)]
         seq = max(args.prompt_tokens) + args.decode_tokens + 8
-        cluster = LocalCluster(work / codec.replace(":", "_").replace(",", "_"), model=model_dir, nodes=nodes,
+        name = f"{codec}_{rate}".replace(":", "_").replace(",", "_")
+        cluster = LocalCluster(work / name, model=model_dir, nodes=nodes,
                                host=fabric.host_address, coordinator_args=[
                                    "--stages", "2", "--slots", "2", "--max-seq-len", str(seq), "--dtype", args.dtype,
                                    "--codec", codec, "--codec-min-tokens", str(args.codec_min_tokens),
                                    "--max-step-tokens", str(args.max_step_tokens)])
         with cluster, TensorfleetClient(cluster.address, timeout=600) as client:
-            ttft(client, prompts[min(prompts)])  # warm-up
-            for rate in args.rates:
-                for i in range(2):
-                    fabric.limit(i, rate)
-                row: dict[str, Any] = {"codec": codec, "rate": rate}
-                for n, prompt in prompts.items():
-                    times = [ttft(client, prompt) for _ in range(args.repeats)]
-                    row[f"ttft_{n}_s"] = statistics.median(times)
-                    row[f"ttft_{n}_all_s"] = times
-                row["decode_tok_s"] = decode_rate(client, prompts[min(prompts)], args.decode_tokens)
-                log(f"{codec} @ {rate}: " + ", ".join(f"TTFT {n} {row[f'ttft_{n}_s']:.2f} s" for n in prompts)
-                    + f", decode {row['decode_tok_s']:.1f} tok/s")
-                rows.append(row)
-    return rows
+            ttft(client, prompts[min(prompts)])  # warm-up; an auto link starts measuring itself
+            if codec.startswith("auto"):
+                time.sleep(AUTO_SETTLE_S)
+            row: dict[str, Any] = {"codec": codec, "rate": rate}
+            for n, prompt in prompts.items():
+                times = [ttft(client, prompt) for _ in range(args.repeats)]
+                row[f"ttft_{n}_s"] = statistics.median(times)
+                row[f"ttft_{n}_all_s"] = times
+            row["decode_tok_s"] = decode_rate(client, prompts[min(prompts)], args.decode_tokens)
+            row["link_policy"] = re.findall(r"\[executor\] (.*)", cluster.log("node0") + cluster.log("node1"))
+            log(f"{codec} @ {rate}: " + ", ".join(f"TTFT {n} {row[f'ttft_{n}_s']:.2f} s" for n in prompts)
+                + f", decode {row['decode_tok_s']:.1f} tok/s" + "".join(f"\n  {x}" for x in row["link_policy"]))
+    return row
+
+
+def machine(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +179,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.model_source import load_hf_config, resolve_model
 
-    model_dir = str(resolve_model(None).path)
-    vocab = int(load_hf_config(model_dir)["vocab_size"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
+        if args.shape:
+            import torch
+
+            from tests.engine.reference import make_shaped_model
+
+            log(f"making a random-init {args.shape} in {args.dtype} ...")
+            model_dir = str(make_shaped_model(args.shape, Path(tmp) / "model", dtype=getattr(torch, args.dtype),
+                                              device=args.device))
+        else:
+            model_dir = str(resolve_model(None).path)
+        vocab = int(load_hf_config(model_dir)["vocab_size"])
         for codec in args.codecs:
             rows += measure(codec, args, model_dir, vocab, Path(tmp))
+            write_json(args, rows)  # so far: a run cut short keeps what it measured
     base = {r["rate"]: r for r in rows if r["codec"] == "exact"}
     header = "| codec | link | " + " | ".join(f"TTFT {n} s (speedup)" for n in args.prompt_tokens) + " | decode tok/s |"
     print(header)
@@ -159,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r[f'ttft_{n}_s']:.2f}" + (f" ({b[f'ttft_{n}_s'] / r[f'ttft_{n}_s']:.2f}x)" if b else "")
                  for n in args.prompt_tokens]
         print(f"| {r['codec']} | {r['rate']} | " + " | ".join(cells) + f" | {r['decode_tok_s']:.1f} |")
+    log(f"wrote {args.out}")
+    return 0
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    log(f"wrote {out}")
-    return 0
+    out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "machine": machine(args.device),
+                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

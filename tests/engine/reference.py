@@ -94,3 +94,35 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN00
         out = model(torch.tensor([[nxt]]), use_cache=True, **{cache_kw: past})
         nxt = int(out.logits[0, -1].argmax())
     return tokens
+
+
+# Published shapes, random-init, for speed benchmarks (scripts/bench_links.py, GPU benchmarks).
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, rms_norm_eps=1e-5),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, rms_norm_eps=1e-5),
+}
+
+
+def make_shaped_model(shape: str, directory: Path, *, dtype: torch.dtype = torch.bfloat16,
+                      device: str = "cpu", seed: int = 0) -> Path:
+    """Save a random-init Llama of a published ``shape`` (SHAPES) in ``dtype`` to ``directory``; the
+    weights are drawn on ``device`` (a GPU makes an 8B shape in seconds). Reuses a complete directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if (directory / "config.json").exists() and any(directory.glob("*.safetensors")):
+        return directory
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape], initializer_range=0.02), dtype=dtype)
+    model.save_pretrained(directory)
+    return directory
