@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=1, help="split the layers into this many stages in-process")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel size: run on this many local processes joined over gloo")
+    p.add_argument("--tp-codec", default="exact", metavar="SPEC",
+                   help="compress the tensor-parallel all-reduces: exact (default), int8, "
+                        "int8:rotate=true,outliers=3, int4, lowrank:rank=8, ...")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
+    from engine.errors import ConfigError
     from engine.llm import EngineConfig
     from engine.model_source import load_hf_config, resolve_model
     from engine.sampling import SamplingParams
@@ -61,6 +65,9 @@ def _run(args: argparse.Namespace) -> int:
                             seed=args.seed, stop=tuple(args.stop))
     source = resolve_model(args.model)
     ModelConfig.from_hf(load_hf_config(source.path)).check_tensor_parallel(args.tp)
+    reducer = _tp_reducer(args.tp_codec)  # a ConfigError names what is wrong with the spec
+    if args.tp == 1 and reducer is not None:
+        raise ConfigError(f"--tp-codec {args.tp_codec} needs --tp 2 or more (one process has no all-reduce)")
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, stages=args.stages,
                           max_seq_len=args.max_seq_len, num_slots=max(1, len(args.prompts)))
     if args.tp == 1:
@@ -103,13 +110,20 @@ def _tp_rank(rank: int, args: argparse.Namespace, config, params, port: int) -> 
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the leader alone prints
             sys.stderr = sys.stdout
-        code = _generate(args, config, params, tp=TPGroup.from_group())
+        code = _generate(args, config, params, tp=TPGroup.from_group(reducer=_tp_reducer(args.tp_codec)))
     except TensorfleetError as e:
         print(f"tensorfleet-generate: error: {e}", file=sys.stderr)
         code = 2
     finally:
         dist.destroy_process_group()
     sys.exit(code)
+
+
+def _tp_reducer(spec: str):  # noqa: ANN202 - an AllReducer, or None for the plain exact all-reduce
+    from engine.collectives import make_reducer
+
+    reducer = make_reducer(spec)
+    return None if reducer.spec == "exact" else reducer
 
 
 def _generate(args: argparse.Namespace, config, params, *, tp=None) -> int:  # noqa: ANN001
@@ -131,6 +145,10 @@ def _generate(args: argparse.Namespace, config, params, *, tp=None) -> int:  # n
     if stats.decode_seconds > 0:
         print(f"decode: {stats.decode_tokens / stats.decode_seconds:.1f} tokens/s over {stats.decode_steps} steps; "
               f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.0f} ms", file=sys.stderr)
+    if tp is not None and tp.reducer is not None:
+        r = tp.reducer.stats
+        print(f"tp all-reduce ({tp.reducer.spec}): {r.compressed_calls} compressed, {r.exact_calls} exact calls; "
+              f"{r.ratio:.2f}x fewer bytes than exact", file=sys.stderr)
     return 0
 
 

@@ -51,9 +51,9 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +253,7 @@ class _BlockCodec(Codec):
         parts: dict[str, torch.Tensor] = {}
         if self.outliers:
             m = rows.shape[1]
-            if m >= MAX_OUTLIER_WIDTH or self.outliers > m:
+            if not self.can_encode(m):
                 raise ValueError(f"{self.spec}: rows of {m} values cannot carry {self.outliers} outliers")
             idx = rows.abs().topk(self.outliers, dim=1).indices  # [n, k]
             parts["outlier_pos"] = idx.to(torch.int16).contiguous()
@@ -264,15 +264,22 @@ class _BlockCodec(Codec):
         parts |= {"q": pack_int4(q) if self.nibbles else q, "scale": scale}
         return Encoded(self.spec, tuple(x.shape), x.dtype, parts)
 
+    def can_encode(self, m: int) -> bool:
+        """Whether rows of m values can be encoded (outlier positions must fit the row and int16)."""
+        return not self.outliers or (m < MAX_OUTLIER_WIDTH and self.outliers <= m)
+
+    def payload_parts(self, n: int, m: int, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The parts' dtypes and shapes for n rows of m values of ``dtype``: a function of these alone."""
+        codes = (torch.uint8, (-(-n * m // 2),)) if self.nibbles else (torch.int8, (n, m))
+        parts = {"q": codes, "scale": (self.scale_dtype, (n, -(-m // self.block)))}
+        if self.outliers:
+            parts |= {"outlier_pos": (torch.int16, (n, self.outliers)), "outlier_val": (dtype, (n, self.outliers))}
+        return parts
+
     def decode(self, e: Encoded) -> torch.Tensor:
         self._check_codec(e)
         n, m = _dims(e)
-        codes = (torch.uint8, (-(-n * m // 2),)) if self.nibbles else (torch.int8, (n, m))
-        expected = {"q": codes, "scale": (self.scale_dtype, (n, -(-m // self.block)))}
-        if self.outliers:
-            expected |= {"outlier_pos": (torch.int16, (n, self.outliers)),
-                         "outlier_val": (e.dtype, (n, self.outliers))}
-        _check_parts(e, expected)
+        _check_parts(e, self.payload_parts(n, m, e.dtype))
         q = unpack_int4(e.parts["q"], n * m).view(n, m) if self.nibbles else e.parts["q"]
         y = dequantize_blocks(q, e.parts["scale"], self.block)
         rows = hadamard_unrotate(y) if self.rotate else y
@@ -298,13 +305,64 @@ class Int4HadamardCodec(_BlockCodec):
         super().__init__(block, rotate, outliers, torch.float16)
 
 
-# ---- low rank (PowerSGD) ----
+# ---- low rank (PowerSGD); the helpers also serve engine.collectives ----
 
 
 @functools.lru_cache(maxsize=64)
 def _initial_q(m: int, rank: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(Q_SEED)
     return torch.randn(m, rank, generator=g).to(device)
+
+
+def start_q(m: int, rank: int, device: torch.device, warm: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 ``[m, rank]`` Q a power iteration starts from: the columns of ``warm`` (the last Q of
+    the same stream) that are finite and nonzero, the others from a fixed seed. A function of its
+    arguments alone, so processes that hold the same ``warm`` start from the same Q."""
+    q0 = _initial_q(m, rank, device)
+    if warm is not None and warm.shape == q0.shape and warm.device == q0.device:
+        usable = torch.isfinite(warm).all(0) & (warm.abs().sum(0) > 0)
+        q0 = torch.where(usable, warm, q0)
+    return q0
+
+
+def orthonormalize(p: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning those of fp32 ``p [n, r]`` (n >= r): the Q of its reduced QR."""
+    return torch.linalg.qr(p)[0]
+
+
+def lowrank_compresses(n: int, m: int, rank: int, min_rate: float) -> bool:
+    """Whether rank-r factors of an ``[n, m]`` matrix are smaller, by ``min_rate``, than the matrix."""
+    return (n + m) * rank * min_rate < n * m
+
+
+V = TypeVar("V")
+
+
+class KeyedStates(Generic[V]):
+    """Per-key state for the ``max_keys`` most recently used keys (thread-safe); ``None`` keeps nothing."""
+
+    def __init__(self, new: Callable[[], V], max_keys: int = 1024) -> None:
+        if max_keys < 1:
+            raise ConfigError(f"max_keys={max_keys} must be positive")
+        self._new = new
+        self.max_keys = max_keys
+        self._states: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable | None) -> V:
+        if key is None:
+            return self._new()  # no stream: cold start, nothing kept
+        with self._lock:
+            state = self._states.pop(key, None)
+            if state is None:
+                state = self._new()
+            self._states[key] = state  # most recently used last
+            while len(self._states) > self.max_keys:
+                self._states.popitem(last=False)
+            return state
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 @dataclass
@@ -323,29 +381,16 @@ class LowRankCodec(Codec):
             raise ConfigError(f"rank={rank} must be in 1..{MAX_RANK}")
         if not (math.isfinite(min_rate) and min_rate > 0):
             raise ConfigError(f"min_rate={min_rate} must be a positive number")
-        if max_keys < 1:
-            raise ConfigError(f"max_keys={max_keys} must be positive")
         self.rank, self.min_rate, self.error_feedback = rank, float(min_rate), error_feedback
         self.max_keys = max_keys
-        self._states: OrderedDict[Hashable, _LinkState] = OrderedDict()
-        self._lock = threading.Lock()
+        self._states: KeyedStates[_LinkState] = KeyedStates(_LinkState, max_keys)
 
     def compresses(self, n: int, m: int) -> bool:
-        return (n + m) * self.rank * self.min_rate < n * m
-
-    def _state(self, key: Hashable | None) -> _LinkState:
-        if key is None:
-            return _LinkState()  # no stream: cold start, nothing kept
-        with self._lock:
-            state = self._states.pop(key, None) or _LinkState()
-            self._states[key] = state  # most recently used last
-            while len(self._states) > self.max_keys:
-                self._states.popitem(last=False)
-            return state
+        return lowrank_compresses(n, m, self.rank, self.min_rate)
 
     def encode(self, x: torch.Tensor, *, key: Hashable | None = None) -> Encoded:
         rows = _rows(x, self.name)
-        state = self._state(key)
+        state = self._states.get(key)
         if self.error_feedback and state.residual is not None and state.residual.shape == rows.shape:
             rows = rows + state.residual
         n, m = rows.shape
@@ -363,11 +408,7 @@ class LowRankCodec(Codec):
 
     def _factors(self, x: torch.Tensor, warm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One power iteration: orthonormal P [n, r] and Q = X^T P [m, r], P Q^T ~ X."""
-        q0 = _initial_q(x.shape[1], self.rank, x.device)
-        if warm is not None and warm.shape == q0.shape and warm.device == q0.device:
-            usable = torch.isfinite(warm).all(0) & (warm.abs().sum(0) > 0)
-            q0 = torch.where(usable, warm, q0)
-        p, _ = torch.linalg.qr(x @ q0)
+        p = orthonormalize(x @ start_q(x.shape[1], self.rank, x.device, warm))
         return p, x.T @ p
 
     def decode(self, e: Encoded) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Tensor-parallel building blocks that take their process group explicitly.
 
 No global parallel state: every layer receives a ``TPGroup``. ``TPGroup.single()`` stands in for
-tensor-parallel size 1, so each layer is testable alone in one process.
+tensor-parallel size 1, so each layer is testable alone in one process. A group may carry an
+``AllReducer`` (``engine.collectives``) that compresses its all-reduces; each call site passes a
+stable key (layer and projection), so strategies with per-site state (PowerSGD's warm start) keep it.
 
 Sharding follows the usual Megatron split: column-parallel linears split output features (no
 communication), row-parallel linears split input features and end in one all-reduce; the embedding and
@@ -11,7 +13,9 @@ LM head split the vocabulary.
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,25 +24,35 @@ from torch import nn
 
 from engine.errors import ConfigError
 
+if TYPE_CHECKING:
+    from engine.collectives import AllReducer
+
 
 @dataclass(frozen=True)
 class TPGroup:
-    """A tensor-parallel group: this process's rank and the group size, plus the collectives."""
+    """A tensor-parallel group: this process's rank and the group size, plus the collectives.
+
+    ``reducer`` None (the default) all-reduces exactly, in place, with ``dist.all_reduce``.
+    """
 
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    reducer: AllReducer | None = None
 
     @staticmethod
     def single() -> TPGroup:
         return TPGroup(rank=0, size=1, group=None)
 
     @staticmethod
-    def from_group(group: dist.ProcessGroup | None = None) -> TPGroup:
-        return TPGroup(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group)
+    def from_group(group: dist.ProcessGroup | None = None, *, reducer: AllReducer | None = None) -> TPGroup:
+        return TPGroup(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group, reducer=reducer)
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, key: Hashable | None = None) -> torch.Tensor:
+        """The sum of ``x`` over the group (use the result: ``x`` itself may or may not hold it)."""
         if self.size > 1:
+            if self.reducer is not None:
+                return self.reducer.all_reduce(x, self.group, key=key)
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -62,17 +76,19 @@ def pad_to_multiple(n: int, k: int) -> int:
 
 
 class ShardedLinear(nn.Module):
-    """A linear layer holding one rank's shard; ``reduce_results`` all-reduces (row-parallel).
+    """A linear layer holding one rank's shard; ``reduce_results`` all-reduces (row-parallel), under
+    ``reduce_key`` (a name for the call site, the same on every rank, e.g. ``"layers.3.mlp"``).
 
     The bias of a row-parallel layer is added once, after the reduction, so ranks don't add it tp times.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup,
-                 reduce_results: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 reduce_results: bool = False, reduce_key: Hashable | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.tp = tp
         self.reduce_results = reduce_results
+        self.reduce_key = reduce_key
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -93,7 +109,7 @@ class ShardedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce_results:
             return self._matmul(x, self.bias)
-        y = self.tp.all_reduce(self._matmul(x, None))
+        y = self.tp.all_reduce(self._matmul(x, None), key=self.reduce_key)
         return y + self.bias if self.bias is not None else y
 
 
@@ -134,6 +150,8 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocabulary rows are split across ranks; lookups outside a shard give zeros."""
 
+    REDUCE_KEY = "embed_tokens"  # one embedding per stage, so one key
+
     def __init__(self, vocab_size: int, dim: int, *, tp: TPGroup, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -156,7 +174,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
-        return self.tp.all_reduce(out)
+        return self.tp.all_reduce(out, key=self.REDUCE_KEY)
 
 
 class ParallelLMHead(nn.Module):

@@ -244,10 +244,11 @@ class StageServicer(node_pb2_grpc.StageServicer):
 
     def _hidden(self, msg: node_pb2.StepMessage, num_tokens: int) -> torch.Tensor:
         """The step's incoming hidden states [num_tokens, hidden], plain or compressed, validated."""
+        device = self.runner.stage.device  # decode where the stage computes: a GPU decodes in microseconds
         if msg.HasField("encoded_hidden"):
-            x = decode_from_proto(msg.encoded_hidden)
+            x = decode_from_proto(msg.encoded_hidden, device=device)
         elif msg.HasField("hidden"):
-            x = tensor_from_proto(msg.hidden)
+            x = tensor_from_proto(msg.hidden, device=device)
         else:
             raise ValueError("a step for a stage after the first needs hidden states")
         if tuple(x.shape) != (num_tokens, self.runner.cfg.hidden_size) or not x.dtype.is_floating_point:

@@ -15,8 +15,8 @@
   ``AUTO_CODEC``, the most accurate codec measured (scripts/bench_codecs.py: 1.93x fewer bytes than
   bf16, 99.76% top-1 agreement on held-out text).
 
-The cost model takes the sender's encode and decode time for both (the receiver's device is not
-known here; decode is the cheaper half).
+The cost model times the whole wire path on the sender's device (encode, proto, decode onto the
+device) against the exact path; the receiver's device is taken to be like the sender's.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def measure_link(address: str, *, timeout_s: float = 30.0) -> LinkEstimate:
 
 @dataclass(frozen=True)
 class CodecCost:
-    """A codec on one device and dtype: encode+decode time ``fixed_s + n * per_row_s`` for n rows, and
-    the bytes per row, exact and encoded (measured on a message of ``COST_ROWS`` rows)."""
+    """A codec on one device and dtype: the time it adds to a message of n rows, ``fixed_s + n *
+    per_row_s`` (per_row_s may be negative: fewer bytes to copy), and the bytes per row on the wire,
+    exact and encoded (measured on a message of ``COST_ROWS`` rows)."""
 
     fixed_s: float
     per_row_s: float
@@ -113,27 +114,46 @@ class CodecCost:
 
 
 def measure_cost(codec: Codec, hidden: int, dtype: torch.dtype, device: torch.device | str) -> CodecCost:
-    def once(x: torch.Tensor) -> tuple[float, int]:
-        sync()
-        t0 = time.perf_counter()
-        e = codec.encode(x, key=("cost", x.shape[0]))
-        codec.decode(e)
-        sync()
-        return time.perf_counter() - t0, e.nbytes
+    """What a codec adds to a message's trip through the wire code, beyond sending it exact: encode, to
+    proto, serialize, parse, decode on the device, against the same for the plain tensor. Both paths
+    are timed on this device for 1 and ``COST_ROWS`` rows (the fastest of 3 each) and fitted linearly."""
+    from node.wire import decode_from_proto, encoded_to_proto, tensor_from_proto, tensor_to_proto
+    from tensorfleet.v1 import common_pb2
 
     def sync() -> None:
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
 
+    def coded(x: torch.Tensor) -> int:
+        msg = encoded_to_proto(codec.encode(x, key=("cost", x.shape[0])))
+        decode_from_proto(common_pb2.EncodedTensor.FromString(msg.SerializeToString()), device=device)
+        return msg.ByteSize()
+
+    def plain(x: torch.Tensor) -> int:
+        msg = tensor_to_proto(x)
+        tensor_from_proto(common_pb2.Tensor.FromString(msg.SerializeToString()), device=device)
+        return msg.ByteSize()
+
+    def timed(path, x: torch.Tensor) -> tuple[float, int]:  # noqa: ANN001
+        path(x)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            size = path(x)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best, size
+
     gen = torch.Generator().manual_seed(0)
     one = torch.randn(1, hidden, generator=gen).to(device=device, dtype=dtype)
     many = torch.randn(COST_ROWS, hidden, generator=gen).to(device=device, dtype=dtype)
-    once(one), once(many)  # warm-up
-    t1 = min(once(one)[0] for _ in range(3))
-    tn, coded = min(once(many) for _ in range(3))
-    per_row = max(tn - t1, 0.0) / (COST_ROWS - 1)
-    return CodecCost(fixed_s=max(t1 - per_row, 0.0), per_row_s=per_row,
-                     row_bytes=hidden * many.element_size(), coded_row_bytes=coded / COST_ROWS)
+    (c1, _), (cn, coded_bytes) = timed(coded, one), timed(coded, many)
+    (p1, _), (pn, plain_bytes) = timed(plain, one), timed(plain, many)
+    extra_1, extra_n = c1 - p1, cn - pn
+    per_row = (extra_n - extra_1) / (COST_ROWS - 1)
+    return CodecCost(fixed_s=max(extra_1 - per_row, 0.0), per_row_s=per_row,
+                     row_bytes=plain_bytes / COST_ROWS, coded_row_bytes=coded_bytes / COST_ROWS)
 
 
 class LinkPolicy:

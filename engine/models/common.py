@@ -106,11 +106,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Self-attention over the slot cache with heads split across the tensor-parallel group.
 
-    q/k/v are one fused column-parallel projection; the output projection is row-parallel.
+    q/k/v are one fused column-parallel projection; the output projection is row-parallel, its
+    all-reduce under ``reduce_key`` (unique in the model, e.g. ``"layers.3.attn"``).
     """
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, *, layer: int, rotary: bool, dtype: torch.dtype,
-                 device: torch.device | str, names: tuple[str, str, str, str]) -> None:
+                 device: torch.device | str, names: tuple[str, str, str, str],
+                 reduce_key: str | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.rotary = rotary
@@ -125,7 +127,7 @@ class Attention(nn.Module):
         self.qkv = ShardedLinear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias, tp=tp,
                                  dtype=dtype, device=device)
         self.o_proj = ShardedLinear(q_out, cfg.hidden_size, bias=cfg.o_bias, tp=tp, reduce_results=True,
-                                    dtype=dtype, device=device)
+                                    reduce_key=reduce_key, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         qkv = self.qkv(x).view(x.shape[0], -1, self.head_dim)  # [N, heads + 2 * kv_heads, d]
@@ -158,9 +160,11 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate/up fused column-parallel and down row-parallel."""
+    """down(act(gate(x)) * up(x)) with gate/up fused column-parallel and down row-parallel (its
+    all-reduce under ``reduce_key``)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, *, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, *, dtype: torch.dtype, device: torch.device | str,
+                 reduce_key: str | None = None) -> None:
         super().__init__()
         self.inter = tp.split(cfg.intermediate_size, "intermediate_size")
         self.start = tp.rank * self.inter
@@ -168,7 +172,7 @@ class GatedMLP(nn.Module):
         self.gate_up = ShardedLinear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias, tp=tp,
                                      dtype=dtype, device=device)
         self.down = ShardedLinear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp, reduce_results=True,
-                                  dtype=dtype, device=device)
+                                  reduce_key=reduce_key, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -34,9 +34,10 @@ class LlamaLayer(nn.Module):
         self.index = index
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
         self.attn = Attention(cfg, tp, layer=local, rotary=True, dtype=dtype, device=device,
-                              names=("q_proj", "k_proj", "v_proj", "o_proj"))
+                              names=("q_proj", "k_proj", "v_proj", "o_proj"),
+                              reduce_key=f"layers.{index}.attn")
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
-        self.mlp = GatedMLP(cfg, tp, dtype=dtype, device=device)
+        self.mlp = GatedMLP(cfg, tp, dtype=dtype, device=device, reduce_key=f"layers.{index}.mlp")
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         h = x + self.attn(self.input_norm(x), meta, cache)

@@ -67,14 +67,15 @@ class OPTLayer(nn.Module):
         self.pre_norm = cfg.do_layer_norm_before
         self.attn_norm = LayerNorm(cfg.hidden_size, dtype=dtype, device=device)
         self.attn = Attention(cfg, tp, layer=local, rotary=False, dtype=dtype, device=device,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"))
+                              names=("q_proj", "k_proj", "v_proj", "out_proj"),
+                              reduce_key=f"layers.{index}.attn")
         self.mlp_norm = LayerNorm(cfg.hidden_size, dtype=dtype, device=device)
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.ffn = tp.split(cfg.intermediate_size, "ffn_dim")
         self.start = tp.rank * self.ffn
         self.fc1 = ShardedLinear(cfg.hidden_size, self.ffn, bias=True, tp=tp, dtype=dtype, device=device)
         self.fc2 = ShardedLinear(self.ffn, cfg.hidden_size, bias=True, tp=tp, reduce_results=True,
-                                 dtype=dtype, device=device)
+                                 reduce_key=f"layers.{index}.fc2", dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
         if self.pre_norm:

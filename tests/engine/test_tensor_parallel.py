@@ -131,7 +131,7 @@ def test_fake_ranks_row_and_column_parallel_sum_to_full() -> None:
 class PartialTP(TPGroup):
     """A fake rank whose collectives return this rank's partial result (the test sums the ranks)."""
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, key: object = None) -> torch.Tensor:
         return x
 
 
