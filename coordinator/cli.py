@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default int8:rotate=true,outliers=3) the messages where that saves time (node/link.py)")
     start.add_argument("--codec-min-tokens", type=int, default=defaults.CODEC_MIN_TOKENS, metavar="N",
                        help="messages of fewer tokens (decode steps) go uncompressed (default: %(default)s)")
+    start.add_argument("--tp-codec", default="exact", metavar="SPEC",
+                       help="compress the all-reduces inside tensor-parallel stages: exact (default), "
+                            "int8:rotate=true,outliers=3, int4, lowrank:rank=8, ... (engine/collectives.py); "
+                            "pays only where a group's ranks share a slow network")
+    start.add_argument("--tp-codec-min-elements", type=int, default=0, metavar="N",
+                       help="all-reduces of fewer elements stay exact (default 0: 65536, engine/collectives.py)")
     return parser
 
 
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=args.heartbeat_timeout_ms,
                                    capacity_wait_s=args.capacity_wait, codec=args.codec,
-                                   codec_min_tokens=args.codec_min_tokens)
+                                   codec_min_tokens=args.codec_min_tokens, tp_codec=args.tp_codec,
+                                   tp_codec_min_elements=args.tp_codec_min_elements)
         server, coordinator = serve(config)
     except TensorfleetError as e:
         print(f"coordinator: error: {e}", file=sys.stderr)

@@ -289,7 +289,8 @@ class Placer:
                 local_ranks=[node_pb2.LocalRank(device_index=d, tp_rank=r) for r, (_, d) in enumerate(sp.members)],
                 num_slots=num_slots, max_seq_len=self.config.max_seq_len,
                 next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED,
-                codec=self.config.codec if next_address else "", codec_min_tokens=self.config.codec_min_tokens)
+                codec=self.config.codec if next_address else "", codec_min_tokens=self.config.codec_min_tokens,
+                tp_codec=self.config.tp_codec, tp_codec_min_elements=self.config.tp_codec_min_elements)
             try:
                 resp = member.stub.LoadStage(req, timeout=LOAD_TIMEOUT_S)
             except grpc.RpcError as e:

@@ -53,6 +53,8 @@ class CoordinatorConfig:
     capacity_wait_s: float = defaults.CAPACITY_WAIT_S  # without a placement, requests wait this long
     codec: str = "exact"  # how stages compress the hidden states they send on: exact, SPEC, auto[:SPEC] (node/link.py)
     codec_min_tokens: int = defaults.CODEC_MIN_TOKENS  # smaller messages go uncompressed
+    tp_codec: str = "exact"  # how tensor-parallel all-reduces are compressed (engine/collectives.py)
+    tp_codec_min_elements: int = 0  # smaller all-reduces stay exact (0: engine/collectives.py's default)
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -64,8 +66,12 @@ class CoordinatorConfig:
         from node.link import parse_link_codec
 
         parse_link_codec(self.codec)  # a ConfigError (a TensorfleetError) names what is wrong
-        if self.codec_min_tokens < 0:
-            raise TensorfleetError(f"codec_min_tokens={self.codec_min_tokens} must be >= 0")
+        from engine.collectives import make_reducer
+
+        make_reducer(self.tp_codec)
+        if self.codec_min_tokens < 0 or self.tp_codec_min_elements < 0:
+            raise TensorfleetError(f"codec_min_tokens={self.codec_min_tokens} and tp_codec_min_elements="
+                                   f"{self.tp_codec_min_elements} must be >= 0")
 
 
 SERVICE_NAME = "tensorfleet.v1.Coordinator"

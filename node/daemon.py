@@ -254,7 +254,8 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 start=req.layers.start, end=req.layers.end, dtype=_dtype_name(req.dtype),
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host,
-                                codec=req.codec, codec_min_tokens=req.codec_min_tokens, **source)
+                                codec=req.codec, codec_min_tokens=req.codec_min_tokens, tp_codec=req.tp_codec,
+                                tp_codec_min_elements=req.tp_codec_min_elements, **source)
             if standby is not None:  # torch already imported there: about 1.5 s sooner on CPU
                 control.send(("start", spec))
                 procs.append(proc)
@@ -383,7 +384,8 @@ def _reuse_key(req: node_pb2.LoadStageRequest) -> tuple:
     a stage that was last and is no longer, or the reverse, differs in its layers' end)."""
     ranks = tuple(sorted((r.device_index, r.tp_rank) for r in req.local_ranks))
     return (req.model, req.layers.start, req.layers.end, req.dtype, req.group.world_size, req.group.backend, ranks,
-            req.num_slots, req.max_seq_len, req.weight_source, req.codec, req.codec_min_tokens)
+            req.num_slots, req.max_seq_len, req.weight_source, req.codec, req.codec_min_tokens, req.tp_codec,
+            req.tp_codec_min_elements)
 
 
 def _dtype_name(code: int) -> str:

@@ -69,6 +69,8 @@ class ExecutorSpec:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     codec: str = ""  # how hidden states to the next stage are compressed: node/link.py ("": exact)
     codec_min_tokens: int = 0  # messages of fewer tokens go uncompressed
+    tp_codec: str = ""  # how the group's all-reduces are compressed: engine/collectives.py ("": exact)
+    tp_codec_min_elements: int = 0  # all-reduces of fewer elements stay exact (0: the default)
 
 
 class StageRunner:
@@ -379,7 +381,12 @@ def _join_group(spec: ExecutorSpec) -> TPGroup:
                             world_size=spec.world, timeout=timedelta(seconds=600))
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(spec.device))
-    return TPGroup.from_group()
+    reducer = None
+    if spec.tp_codec and spec.tp_codec != "exact":
+        from engine.collectives import DEFAULT_MIN_ELEMENTS, make_reducer
+
+        reducer = make_reducer(spec.tp_codec, min_elements=spec.tp_codec_min_elements or DEFAULT_MIN_ELEMENTS)
+    return TPGroup.from_group(reducer=reducer)
 
 
 def _peer_loop(runner: StageRunner, broadcast: StepBroadcast) -> None:

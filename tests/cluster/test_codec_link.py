@@ -38,8 +38,10 @@ def test_a_compressed_link_equals_the_engine_with_the_same_codec(tmp_path: Path,
     assert len(ranges) == 2 and sum(len(t) for t in got) == len(PROMPTS) * TOKENS
 
 
-@pytest.mark.parametrize("spec, complaint", [("zstd", "unknown codec 'zstd'"), ("int8:block=0", "block=0")])
-def test_a_bad_codec_is_refused_at_start(spec: str, complaint: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "start", "--codec", spec, "--port", "1"],
+@pytest.mark.parametrize("flag, spec, complaint", [
+    ("--codec", "zstd", "unknown codec 'zstd'"), ("--codec", "int8:block=0", "block=0"),
+    ("--codec", "auto:exact", "compressing codec"), ("--tp-codec", "int5", "unknown codec 'int5'")])
+def test_a_bad_codec_is_refused_at_start(flag: str, spec: str, complaint: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "start", flag, spec, "--port", "1"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 2 and complaint in out.stderr

@@ -100,8 +100,11 @@ def test_nodes_that_fetched_weights_reuse_their_cache_when_they_join_again(
             assert client.generate(PROMPTS[0], max_tokens=4).completion_tokens == 4
 
 
-def test_two_cpu_executors_form_a_tensor_parallel_stage(tmp_path: Path) -> None:
-    """A 4-head random-init Llama: a node with cpu:2 serves a tp=2 stage; token ids in, token ids out."""
+@pytest.mark.parametrize("tp_codec", ["exact", "int4"])
+def test_two_cpu_executors_form_a_tensor_parallel_stage(tmp_path: Path, tp_codec: str) -> None:
+    """A 4-head random-init Llama: a node with cpu:2 serves a tp=2 stage; token ids in, token ids out.
+    Exact all-reduces give the engine's tokens; int4-compressed ones (every all-reduce, --tp-codec) must
+    change them, which shows the stage's group used the codec (its accuracy: tests/engine/test_collectives.py)."""
     from tests.engine.reference import make_random_model
     from tests.engine.test_fidelity import random_prompts
 
@@ -111,11 +114,13 @@ def test_two_cpu_executors_form_a_tensor_parallel_stage(tmp_path: Path) -> None:
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))]
     nodes = [NodeSpec(devices="cpu", model_dir=str(model)), NodeSpec(devices="cpu:2", cache_dir=str(tmp_path / "c"))]
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
-                      coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "256"]) as c:
+                      coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "256",
+                                        "--tp-codec", tp_codec, "--tp-codec-min-elements", "1"]) as c:
         with TensorfleetClient(c.address) as client:
             assert sorted(len(s.members) for s in client.status().stages) == [1, 2]
             got = [client.generate(p, max_tokens=16, ignore_eos=True).token_ids for p in prompts]
-    assert got == want
+    assert [len(t) for t in got] == [16] * len(prompts)
+    assert (got == want) == (tp_codec == "exact")
 
 
 def test_several_steps_in_flight_through_the_pipeline(tmp_path: Path) -> None:
