@@ -448,6 +448,23 @@ def _parse_value(codec: str, key: str, text: str, kind: type) -> object:
         raise ConfigError(f"codec {codec!r}: {key}={text!r} is not {expected}") from None
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs: ``exact,int8:block=64,rotate=false,int4`` -> ``exact``,
+    ``int8:block=64,rotate=false``, ``int4``. An item without ':' that looks like ``key=value`` continues
+    the previous spec's parameters; ConfigError for empty items and parameters that follow no spec."""
+    specs: list[str] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            raise ConfigError(f"codec list {text!r} has an empty item")
+        if "=" in item and ":" not in item:
+            if not specs or ":" not in specs[-1]:
+                raise ConfigError(f"codec list {text!r}: parameter {item!r} follows no 'name:' spec")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def make_codec(spec: str) -> Codec:
     """Build a codec from ``name`` or ``name:key=value,...``, e.g. ``int8:block=64``, ``lowrank:rank=8``."""
     name, _, params = (s.strip() for s in spec.partition(":"))

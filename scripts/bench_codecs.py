@@ -256,19 +256,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_specs(text: str) -> list[str]:
-    """``exact,int8:block=64,rotate=false,int4`` -> ``exact``, ``int8:block=64,rotate=false``, ``int4``:
-    an item without ':' that looks like ``key=value`` continues the previous spec's parameters."""
-    specs: list[str] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            raise BenchError(f"--codecs={text!r} has an empty item")
-        if "=" in item and ":" not in item:
-            if not specs or ":" not in specs[-1]:
-                raise BenchError(f"--codecs={text!r}: parameter {item!r} follows no 'name:' spec")
-            specs[-1] += "," + item
-        else:
-            specs.append(item)
-    return specs
+    from engine.codecs import split_specs as split
+
+    try:
+        return split(text)
+    except ValueError as e:
+        raise BenchError(f"--codecs: {e}") from e
 
 
 def parse_codecs(text: str) -> list[str]:

@@ -68,7 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "on CPUs without AVX-512 BF16)")
     p.add_argument("--out", default="out/bench_links.json")
     args = p.parse_args(argv)
-    args.codecs = _split_specs(args.codecs)
+    from engine.codecs import split_specs
+
+    try:
+        args.codecs = split_specs(args.codecs)
+    except ValueError as e:
+        p.error(str(e))
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     if not args.codecs or not args.rates or min(args.prompt_tokens) < 1 or args.repeats < 1:
@@ -81,17 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as e:
             p.error(str(e))
     return args
-
-
-def _split_specs(text: str) -> list[str]:
-    """'exact,int8:rotate=true,outliers=3,int4' -> specs: a part with '=' but no ':' continues the last."""
-    specs: list[str] = []
-    for part in (s.strip() for s in text.split(",")):
-        if "=" in part and ":" not in part and specs:
-            specs[-1] += "," + part
-        elif part:
-            specs.append(part)
-    return specs
 
 
 def ttft(client: Any, prompt: list[int]) -> float:

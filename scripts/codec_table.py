@@ -119,11 +119,17 @@ def write_readme(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from engine.codecs import split_specs
     from scripts import bench_codecs, bench_links
-    from scripts.bench_links import _split_specs
     from tests.faults.netns import netns_unavailable
 
-    specs = _split_specs(args.codecs)
+    try:
+        specs = split_specs(args.codecs)
+        for spec in specs:
+            canonical(spec)
+    except ValueError as e:
+        print(f"codec_table: {e}", file=sys.stderr)
+        return 2
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
