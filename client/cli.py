@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_flags(status, timeout_help="seconds to wait for the answer (default: %(default)s)", timeout=10.0)
     status.add_argument("--json", action="store_true", help="print the StatusResponse as JSON")
+    _add_certs_parser(sub)
     return parser
 
 
@@ -92,6 +93,9 @@ def _add_common_flags(parser: argparse.ArgumentParser, *, timeout_help: str, tim
         help=f"the coordinator's address (default: ${ENV_COORDINATOR}, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS", help=timeout_help)
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="the API key (default: $TENSORFLEET_API_KEY, else the local coordinator's "
+                             "$TENSORFLEET_HOME/api-keys; prefer the variable: flags show in `ps`)")
 
 
 def resolve_address(flag: str | None) -> str:
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.command == "certs":
+            return _certs(args)
         address = resolve_address(args.coordinator)
         if args.command == "generate":
             return _generate(args, address)
@@ -149,7 +155,7 @@ def _generate(args: argparse.Namespace, address: str) -> int:
         stop_token_ids=args.stop_token_id,
         ignore_eos=args.ignore_eos,
     )
-    with TensorfleetClient(address, timeout=args.timeout) as tf:
+    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key) as tf:
         start = time.perf_counter()
         if args.no_stream or args.json:
             completion = tf.generate(prompt, **sampling)
@@ -189,9 +195,59 @@ def _summary(tokens: int, finish: str, seconds: float) -> None:
 
 
 def _status(args: argparse.Namespace, address: str) -> int:
-    with TensorfleetClient(address, timeout=args.timeout) as tf:
+    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key) as tf:
         status = tf.status()
     print(status_to_json(status) if args.json else format_status(status))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- certs
+def _add_certs_parser(sub: argparse._SubParsersAction) -> None:
+    certs = sub.add_parser("certs", help="create the cluster's TLS certificates",
+                           description="Create the TLS certificates of a cluster (a CA and one shared certificate).")
+    actions = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    create = actions.add_parser(
+        "create",
+        help="write a new CA and a certificate for the coordinator and nodes",
+        description=(
+            "Write DIR/ca.pem and DIR/ca-key.pem (a new CA), and DIR/cluster.pem and DIR/cluster-key.pem: one "
+            "certificate that the coordinator and every node use, as server and as client. Copy ca.pem, "
+            "cluster.pem and cluster-key.pem to each machine; clients need only ca.pem; keep ca-key.pem safe."
+        ),
+    )
+    create.add_argument("directory", metavar="DIR", help="where to write the files (created if missing)")
+    create.add_argument("--hosts", required=True, metavar="HOST[,HOST...]",
+                        help="the addresses and names that the coordinator and nodes are reached by "
+                             "(localhost and 127.0.0.1 are always included)")
+    create.add_argument("--days", type=int, default=825, help="validity of the certificate (default: %(default)s)")
+    create.add_argument("--overwrite", action="store_true", help="replace existing files (a new CA: reissue all)")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    # Imported here: the client package stays importable without the server dependencies (cryptography).
+    from node.certs import CLUSTER_NAME, create_cluster_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",")]
+    if not any(hosts) or not all(hosts):
+        raise _UsageError(f"tensorfleet: error: --hosts={args.hosts!r}: give a comma-separated list of hosts, "
+                          f"e.g. --hosts 10.0.0.5,node1.example")
+    directory = args.directory
+    try:
+        written = create_cluster_certs(directory, hosts, days=args.days, overwrite=args.overwrite)
+    except OSError as e:
+        raise ValueError(f"cannot write certificates to {directory}: {e.strerror or e}") from None
+    roles = ["CA certificate: copy to every machine and client",
+             "CA key: needed only to issue certificates; keep it here, off the workers",
+             f"certificate of the coordinator and nodes, for {', '.join(hosts)} and localhost",
+             f"its key: copy with ca.pem and {CLUSTER_NAME}.pem to each machine, keep mode 0600"]
+    print(f"wrote the cluster's TLS certificates (valid {args.days} days):")
+    width = max(len(str(p)) for p in written)
+    for path, role in zip(written, roles, strict=True):
+        print(f"  {str(path):<{width}}  {role}")
+    print("next:")
+    print(f"  coordinator start --tls {directory} ...")
+    print(f"  node join COORDINATOR:PORT --tls {directory} ...")
+    print(f"  tensorfleet status --tls-ca {directory}/ca.pem --coordinator COORDINATOR:PORT")
     return 0
 
 

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default int8:rotate=true,outliers=3) the messages where that saves time (node/link.py)")
     start.add_argument("--codec-min-tokens", type=int, default=defaults.CODEC_MIN_TOKENS, metavar="N",
                        help="messages of fewer tokens (decode steps) go uncompressed (default: %(default)s)")
+    start.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="where the cluster's join token and API keys live (created 0600 on first start and "
+                            "printed once; default: $TENSORFLEET_HOME, else ~/.tensorfleet)")
+    start.add_argument("--no-auth", action="store_true",
+                       help="clients need no API key (local use only; nodes still need the join token)")
     start.add_argument("--tp-codec", default="exact", metavar="SPEC",
                        help="compress the all-reduces inside tensor-parallel stages: exact (default), "
                             "int8:rotate=true,outliers=3, int4, lowrank:rank=8, ... (engine/collectives.py); "
@@ -100,6 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--tp-codec-min-elements", type=int, default=0, metavar="N",
                        help="all-reduces of fewer elements stay exact (default 0: 65536, engine/collectives.py)")
     return parser
+
+
+def _announce_secrets(coordinator) -> None:  # noqa: ANN001 - coordinator.server.Coordinator
+    """Print the secrets created by this start, once; later starts only say where they are."""
+    from node.security import API_KEYS_FILE, JOIN_TOKEN_FILE, state_dir
+
+    where = state_dir(coordinator.config.state_dir)
+    secrets = coordinator.secrets
+    if JOIN_TOKEN_FILE in secrets.created:
+        print(f"join token (node join --token-file {where / JOIN_TOKEN_FILE}): {secrets.join_token}", flush=True)
+    if API_KEYS_FILE in secrets.created:
+        print(f"API key for clients (TENSORFLEET_API_KEY; one per line in {where / API_KEYS_FILE}): "
+              f"{secrets.api_keys[0]}", flush=True)
+    if not secrets.created:
+        print(f"join token and API keys: in {where}", flush=True)
+    if not coordinator.config.client_auth:
+        print("client authentication is off (--no-auth): anyone who reaches this port can generate", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                                    heartbeat_timeout_ms=args.heartbeat_timeout_ms,
                                    capacity_wait_s=args.capacity_wait, codec=args.codec,
                                    codec_min_tokens=args.codec_min_tokens, tp_codec=args.tp_codec,
-                                   tp_codec_min_elements=args.tp_codec_min_elements)
+                                   tp_codec_min_elements=args.tp_codec_min_elements, state_dir=args.state_dir,
+                                   client_auth=not args.no_auth)
         server, coordinator = serve(config)
+        _announce_secrets(coordinator)
     except TensorfleetError as e:
         print(f"coordinator: error: {e}", file=sys.stderr)
         return 2

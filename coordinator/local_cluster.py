@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.credentials import ENV_API_KEY
+
 
 @dataclass(frozen=True, kw_only=True)
 class NodeSpec:
@@ -51,6 +53,15 @@ class LocalCluster:
         self.address = f"{host}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.expected_exits: set[str] = set()  # processes a test killed or drained on purpose
+        # The cluster's secrets, made here so that nodes started at once find the join token; every
+        # process of the cluster uses this state directory, and clients of this process get the API key
+        # through $TENSORFLEET_API_KEY while the cluster runs (see start/stop).
+        from node.security import load_or_create
+
+        self.home = self.workdir / "home"
+        self.secrets = load_or_create(self.home)
+        self.api_key = self.secrets.api_keys[0]
+        self._saved_key: str | None = None
 
     def _spawn(self, name: str, args: list[str], *, taskset: str | None = None,
                env: dict[str, str] | None = None, netns: str | None = None) -> subprocess.Popen:
@@ -64,11 +75,14 @@ class LocalCluster:
         # A checkout that is not pip-installed still runs: the packages and the generated stubs by path.
         path = os.pathsep.join(p for p in (str(repo), str(repo / "proto"), os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": path, **(env or {})})
+                                env={**os.environ, "PYTHONPATH": path, "TENSORFLEET_HOME": str(self.home),
+                                     **(env or {})})
         self.procs[name] = proc
         return proc
 
     def start(self, *, timeout_s: float = 300.0) -> LocalCluster:
+        self._saved_key = os.environ.get(ENV_API_KEY)
+        os.environ[ENV_API_KEY] = self.api_key
         try:
             self.start_coordinator()
             for i, spec in enumerate(self.node_specs):
@@ -128,6 +142,13 @@ class LocalCluster:
                 time.sleep(0.5)
         raise TimeoutError(f"no placement within {timeout_s:.0f}s:\n{self.log('coordinator')[-3000:]}")
 
+    def stage_key(self, status) -> str:  # noqa: ANN001 - a StatusResponse
+        """The data key of the placement ``status`` shows, as the coordinator computes it (tests that
+        talk to stages directly)."""
+        from node.security import data_key
+
+        return data_key(self.secrets.join_token, status.coordinator_run, status.epoch.value)
+
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -164,6 +185,11 @@ class LocalCluster:
             time.sleep(0.05)
         for pgid in leftover:
             _signal_group(pgid, signal.SIGKILL)
+        if os.environ.get(ENV_API_KEY) == self.api_key:
+            if self._saved_key is None:
+                os.environ.pop(ENV_API_KEY, None)
+            else:
+                os.environ[ENV_API_KEY] = self._saved_key
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -20,6 +20,7 @@ that was cut off and comes back cannot corrupt anything.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from coordinator.logs import log
 from coordinator.membership import Change, Member, Membership
 from coordinator.scheduler import Scheduler
 from engine.errors import TensorfleetError
+from node.security import data_key, with_bearer
 from node.stream import CHANNEL_OPTIONS, StageStream
 from node.wire import dtype_to_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_grpc
@@ -46,8 +48,10 @@ REBALANCE_GAIN = 1.25  # a node that joins triggers a re-placement when the esti
 
 class Placer:
     def __init__(self, *, config: Any, hf_config: dict, model_name: str, scheduler: Scheduler,
-                 set_serving: Callable[[bool], None]) -> None:
+                 set_serving: Callable[[bool], None], join_token: str | None = None) -> None:
         self.config, self.hf_config, self.model_name = config, hf_config, model_name
+        self.join_token = join_token or ""  # presented to the nodes' Node service; makes the data keys
+        self.run = secrets.token_hex(8)  # this process's id: data keys differ from a previous run's
         from engine.stage import parse_dtype
 
         self.scheduler = scheduler
@@ -67,7 +71,7 @@ class Placer:
     # ----------------------------------------------------------------------------------- members
     def join(self, info: common_pb2.NodeInfo) -> Member:
         channel = grpc.insecure_channel(info.address, options=CHANNEL_OPTIONS)
-        member = self.membership.join(info, stub=node_pb2_grpc.NodeStub(channel),
+        member = self.membership.join(info, stub=node_pb2_grpc.NodeStub(with_bearer(channel, self.join_token)),
                                       health=health_pb2_grpc.HealthStub(channel))
         log(f"{member.node_id} joined from {info.address} with {len(info.devices)} device(s)")
         threading.Thread(target=self.place_if_needed, name="place", daemon=True).start()
@@ -224,8 +228,9 @@ class Placer:
         with self.lock:
             epoch = self.epoch + 1
             self.epoch = epoch  # even if loading fails: stages loaded under it are never used
-        infos = self._load_stages(plan, {m.node_id: m for m in members}, epoch, num_slots, capacities)
-        stream = StageStream(infos[0].address)
+        key = data_key(self.join_token, self.run, epoch)  # the stages of this epoch accept only it
+        infos = self._load_stages(plan, {m.node_id: m for m in members}, epoch, num_slots, capacities, key)
+        stream = StageStream(infos[0].address, secret=key)
         moved = layers_moved(self.plan, plan, profile.num_layers)
         with self.lock:
             self.stages, self.stream, self.plan = infos, stream, plan
@@ -272,7 +277,7 @@ class Placer:
             return plan_placement(devices, profile, prefer=prefer)
 
     def _load_stages(self, plan: Any, by_id: dict[str, Member], epoch: int, num_slots: int,
-                     capacities: list) -> list[coordinator_pb2.StageInfo]:
+                     capacities: list, data_key: str) -> list[coordinator_pb2.StageInfo]:
         """LoadStage on every stage's node, last stage first (each needs the next one's address)."""
         infos, next_address = [], ""
         for index in range(len(plan.stages) - 1, -1, -1):
@@ -290,7 +295,8 @@ class Placer:
                 num_slots=num_slots, max_seq_len=self.config.max_seq_len,
                 next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED,
                 codec=self.config.codec if next_address else "", codec_min_tokens=self.config.codec_min_tokens,
-                tp_codec=self.config.tp_codec, tp_codec_min_elements=self.config.tp_codec_min_elements)
+                tp_codec=self.config.tp_codec, tp_codec_min_elements=self.config.tp_codec_min_elements,
+                data_key=data_key)
             try:
                 resp = member.stub.LoadStage(req, timeout=LOAD_TIMEOUT_S)
             except grpc.RpcError as e:

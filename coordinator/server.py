@@ -25,6 +25,7 @@ from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
+from node.security import Guard, allow_all, load_or_create, require, state_dir
 from node.stream import SERVER_OPTIONS
 from node.wire import sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -56,6 +57,8 @@ class CoordinatorConfig:
     tp_codec: str = "exact"  # how tensor-parallel all-reduces are compressed (engine/collectives.py)
     tp_codec_min_elements: int = 0  # smaller all-reduces stay exact (0: engine/collectives.py's default)
     cache_dir: str | None = None
+    state_dir: str | None = None  # join token, API keys (node/security.py); None: $TENSORFLEET_HOME, ~/.tensorfleet
+    client_auth: bool = True  # clients need an API key (False: --no-auth, for local use)
 
     def __post_init__(self) -> None:
         if not 10 <= self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
@@ -84,6 +87,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         from engine.model_source import resolve_model
 
         self.config = config
+        self.secrets = load_or_create(state_dir(config.state_dir))
         source = resolve_model(config.model, cache_dir=config.cache_dir)
         self.model_dir, self.model_name = Path(source.path), source.name
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
@@ -102,7 +106,20 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                                    max_step_tokens=config.max_step_tokens,
                                    on_step_error=lambda error: self.placer.on_step_error(error))
         self.placer = Placer(config=config, hf_config=self.hf_config, model_name=self.model_name,
-                             scheduler=self.scheduler, set_serving=self._set_serving)
+                             scheduler=self.scheduler, set_serving=self._set_serving,
+                             join_token=self.secrets.join_token)
+
+    def guard(self) -> Guard:
+        """Who may call what (node/security.py): nodes and operators hold the join token, clients an
+        API key (unless client auth is off)."""
+        nodes = require("the cluster's join token", lambda: (self.secrets.join_token,),
+                        others=lambda: self.secrets.api_keys)
+        clients = (require("an API key", lambda: self.secrets.api_keys, others=lambda: (self.secrets.join_token,))
+                   if self.config.client_auth else allow_all)
+        rpc = f"/{SERVICE_NAME}/"
+        return Guard({rpc + "Generate": clients, rpc + "Status": clients, rpc + "Join": nodes,
+                      rpc + "Heartbeat": nodes, rpc + "Leave": nodes, rpc + "GetManifest": nodes,
+                      rpc + "FetchWeights": nodes})
 
     def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -173,7 +190,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                                                   max_step_tokens=self.scheduler.max_step_tokens,
                                                   micro_batches=load.micro_batches, max_queue=self.scheduler.max_queue,
                                                   placement_changes=changes,
-                                                  unavailable_reason=placer.unavailable_reason)
+                                                  unavailable_reason=placer.unavailable_reason,
+                                                  coordinator_run=placer.run)
 
     # ------------------------------------------------------------------------------------ Generate
     def Generate(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -240,7 +258,8 @@ def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
     # Each Generate stream holds a worker thread for its whole life: room for every running and queued
     # request, plus some for heartbeats, status and weight transfers (threads start only when needed).
     workers = max(config.num_slots or 0, config.max_slots) + config.max_queue + 32
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
+                         interceptors=[coordinator.guard()])
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)
     bound = server.add_insecure_port(f"{config.host}:{config.port}")

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--no-standby", action="store_true",
                       help="do not keep an executor process started ahead (saves its memory, about 0.3 GiB on "
                            "CPU; a stage that fails over to this node then starts about 1.5 s later)")
+    _add_token_flag(join)
     leave = sub.add_parser("leave", help="drain a node: move its layers to the others, then stop it",
                            description="Drain NODE (its id, or its name when unique): the coordinator moves its "
                                        "layers to the other nodes (requests pause and continue with the same "
@@ -81,17 +82,48 @@ def build_parser() -> argparse.ArgumentParser:
     leave.add_argument("node", help="the node's id or name (see `tensorfleet status`)")
     leave.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the drain (default: "
                                                                     "%(default)s)")
+    _add_token_flag(leave)
     return parser
+
+
+def _add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="the file holding the cluster's join token, printed by `coordinator start` "
+                             "(default: $TENSORFLEET_JOIN_TOKEN, else $TENSORFLEET_HOME/join-token, else "
+                             "~/.tensorfleet/join-token)")
+
+
+def join_token(args: argparse.Namespace) -> str:
+    """The join token from --token-file, the environment or the local state directory (ConfigError if none)."""
+    from pathlib import Path
+
+    from engine.errors import ConfigError
+    from node.security import JOIN_TOKEN_FILE, find_secret, read_secrets, state_dir
+
+    if args.token_file:
+        return read_secrets(Path(args.token_file))[0]
+    token = find_secret(None, "TENSORFLEET_JOIN_TOKEN", state_dir(), JOIN_TOKEN_FILE)
+    if not token:
+        raise ConfigError("no join token: copy the coordinator's join-token file here and pass --token-file, "
+                          "or set TENSORFLEET_JOIN_TOKEN")
+    return token
 
 
 def leave(args: argparse.Namespace) -> int:
     import grpc
 
+    from engine.errors import TensorfleetError
+    from node.security import with_bearer
     from tensorfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 
+    try:
+        token = join_token(args)
+    except (TensorfleetError, ValueError) as e:
+        print(f"node: error: {e}", file=sys.stderr)
+        return 2
     with grpc.insecure_channel(args.coordinator) as channel:
         try:
-            reply = coordinator_pb2_grpc.CoordinatorStub(channel).Leave(
+            reply = coordinator_pb2_grpc.CoordinatorStub(with_bearer(channel, token)).Leave(
                 coordinator_pb2.LeaveRequest(node=args.node), timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"node: error: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -112,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     from node.daemon import NodeConfig, NodeDaemon
 
     devices = None if args.devices in (None, ["all"]) else ",".join(args.devices)
-    config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
-                        port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
-                        probe=not args.no_probe, standby=not args.no_standby)
     try:
+        config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
+                            port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
+                            probe=not args.no_probe, standby=not args.no_standby, join_token=join_token(args))
         daemon = NodeDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())
         daemon.start()

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.errors import TensorfleetError
 from engine.logs import log_line
 from node.executor import ExecutorSpec, executor_main, standby_main
+from node.security import Guard, require, with_bearer
 from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
@@ -49,6 +50,7 @@ class NodeConfig:
     model_dir: str | None = None
     probe: bool = True
     standby: bool = True  # keep an executor process started ahead (faster failover; costs its memory)
+    join_token: str = ""  # the cluster's join token (node/security.py)
 
 
 def log(msg: str) -> None:
@@ -70,7 +72,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.devices = inventory(config.devices)
         self.cache_dir = Path(config.cache_dir or _default_cache()).expanduser()
         self.channel = grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
-        self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.coordinator = coordinator_pb2_grpc.CoordinatorStub(with_bearer(self.channel, config.join_token))
         self.procs: list[mp.Process] = []
         self.procs_lock = threading.Lock()
         self.control = None  # the daemon's end of the pipe to the leader executor
@@ -93,7 +95,9 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+        token = require("the cluster's join token", lambda: (self.config.join_token,))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                                  interceptors=[Guard({"tensorfleet.v1.Node": token})])
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -218,8 +222,36 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             except (ValueError, KeyError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
+    def _check_request(self, req: node_pb2.LoadStageRequest) -> None:
+        """Refuse a malformed request (ValueError: INVALID_ARGUMENT) before the running stage is touched."""
+        from engine.collectives import make_reducer
+        from node.link import parse_link_codec
+
+        if not req.model or req.epoch.value < 1 or not 0 <= req.layers.start < req.layers.end:
+            raise ValueError(f"a stage needs a model, an epoch >= 1 and layers start < end (got {req.model!r}, "
+                             f"epoch {req.epoch.value}, layers {req.layers.start}-{req.layers.end})")
+        if req.num_slots < 1 or req.max_seq_len < 1:
+            raise ValueError(f"num_slots={req.num_slots} and max_seq_len={req.max_seq_len} must be >= 1")
+        if not req.local_ranks:
+            raise ValueError("a stage needs at least one local rank")
+        ranks = sorted(r.tp_rank for r in req.local_ranks)
+        world = req.group.world_size or len(req.local_ranks)
+        if ranks != list(range(len(ranks))) or len({r.device_index for r in req.local_ranks}) != len(ranks):
+            raise ValueError(f"tensor-parallel ranks {ranks} must be 0..n-1 on distinct devices")
+        if world != len(req.local_ranks):
+            raise TensorfleetError(f"a tensor-parallel group of {world} spanning nodes is not supported yet "
+                                   f"(this node holds {len(req.local_ranks)} of its ranks)")
+        for r in req.local_ranks:
+            if r.device_index >= len(self.devices):
+                raise ValueError(f"device index {r.device_index} does not exist on {self.name}")
+        if _dtype_name(req.dtype) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"a stage computes in float32, bfloat16 or float16, not {_dtype_name(req.dtype)}")
+        parse_link_codec(req.codec)
+        make_reducer(req.tp_codec or "exact")
+
     def _load_stage(self, req: node_pb2.LoadStageRequest) -> node_pb2.LoadStageResponse:
         started = time.perf_counter()
+        self._check_request(req)
         key = _reuse_key(req)
         if key == self.stage_key and self.stage_response is not None:
             try:
@@ -227,13 +259,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             except TensorfleetError as e:
                 log(f"cannot move the running stage to epoch {req.epoch.value} ({e}): loading it anew")
         self._stop_executors()
-        world = req.group.world_size or len(req.local_ranks)
-        if world != len(req.local_ranks):
-            raise TensorfleetError(f"a tensor-parallel group of {world} spanning nodes is not supported yet "
-                                   f"(this node holds {len(req.local_ranks)} of its ranks)")
-        for r in req.local_ranks:
-            if r.device_index >= len(self.devices):
-                raise ValueError(f"device index {r.device_index} does not exist on {self.name}")
+        world = len(req.local_ranks)
         source, fetched = self._weights_for(req)
         kinds = {self.devices[r.device_index].kind for r in req.local_ranks}
         backend = req.group.backend or ("nccl" if kinds == {"cuda"} else "gloo")
@@ -255,7 +281,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host,
                                 codec=req.codec, codec_min_tokens=req.codec_min_tokens, tp_codec=req.tp_codec,
-                                tp_codec_min_elements=req.tp_codec_min_elements, **source)
+                                tp_codec_min_elements=req.tp_codec_min_elements, data_key=req.data_key, **source)
             if standby is not None:  # torch already imported there: about 1.5 s sooner on CPU
                 control.send(("start", spec))
                 procs.append(proc)
@@ -307,7 +333,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             alive = bool(self.procs) and all(p.is_alive() for p in self.procs)
         if not alive or self.control is None:
             raise TensorfleetError("its executors are not running")
-        self.control.send(("configure", req.epoch.value, req.next_stage_address))
+        self.control.send(("configure", req.epoch.value, req.next_stage_address, req.data_key))
         if not self.control.poll(CONFIGURE_TIMEOUT_S):
             raise TensorfleetError(f"the leader executor did not answer within {CONFIGURE_TIMEOUT_S:.0f} s")
         op, epoch = self.control.recv()

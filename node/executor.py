@@ -41,6 +41,7 @@ from node.wire import (
 from tensorfleet.v1 import node_pb2, node_pb2_grpc
 
 OP_STEP, OP_STOP = 1, 2
+MAX_OLD_KEYS = 8
 KIND_IDS, KIND_HIDDEN = 1, 2
 
 
@@ -71,6 +72,7 @@ class ExecutorSpec:
     codec_min_tokens: int = 0  # messages of fewer tokens go uncompressed
     tp_codec: str = ""  # how the group's all-reduces are compressed: engine/collectives.py ("": exact)
     tp_codec_min_elements: int = 0  # all-reduces of fewer elements stay exact (0: the default)
+    data_key: str = ""  # the epoch's data key: Stage calls must carry it, and calls downstream do
 
 
 class StageRunner:
@@ -143,6 +145,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
+        self.data_key = spec.data_key
+        self.old_keys: list[str] = []  # of earlier epochs (a call with one is told it is stale)
         self.policy = LinkPolicy(parse_link_codec("exact" if self.is_last else spec.codec),
                                  min_tokens=spec.codec_min_tokens)
         self._cost: CodecCost | None = None  # of the policy's codec on this device, measured once
@@ -150,9 +154,13 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
 
-    def configure(self, epoch: int, next_address: str) -> None:
-        """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused."""
+    def configure(self, epoch: int, next_address: str, data_key: str) -> None:
+        """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused,
+        and so are calls with an older epoch's data key."""
         with self.route_lock:
+            if data_key != self.data_key:
+                self.old_keys = [self.data_key, *self.old_keys][:MAX_OLD_KEYS]
+                self.data_key = data_key
             old, self.downstream = self.downstream, None
             if next_address != self.next_address:
                 self.policy.forget_link()
@@ -277,18 +285,18 @@ class StageServicer(node_pb2_grpc.StageServicer):
             if self.downstream is None:
                 from node.stream import StageStream
 
-                self.downstream = StageStream(self.next_address)
+                self.downstream = StageStream(self.next_address, secret=self.data_key)
                 if self.policy.mode.mode == "auto":
-                    threading.Thread(target=self._measure_link, args=(self.next_address,), name="link-probe",
-                                     daemon=True).start()
+                    threading.Thread(target=self._measure_link, args=(self.next_address, self.data_key),
+                                     name="link-probe", daemon=True).start()
             return self.downstream
 
-    def _measure_link(self, address: str) -> None:
+    def _measure_link(self, address: str, data_key: str) -> None:
         """Measure the link to ``address`` (and once, the codec's cost) for the auto policy; messages go
         uncompressed until it is done. Runs beside the steps, so its probes share the link with them."""
         name = f"stage {self.spec.start}-{self.spec.end - 1}"
         try:
-            link = measure_link(address)
+            link = measure_link(address, secret=data_key)
             if self._cost is None:
                 stage = self.runner.stage
                 self._cost = measure_cost(self.policy.codec, self.runner.cfg.hidden_size, stage.dtype, stage.device)
@@ -306,7 +314,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
 def executor_main(spec: ExecutorSpec, events, control=None, *, watch_parent: bool = True) -> None:  # noqa: ANN001
     """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text).
 
-    ``control`` (the leader's end of a pipe from the daemon) carries ("configure", epoch, next_address),
+    ``control`` (the leader's end of a pipe from the daemon) carries ("configure", epoch, next_address, data_key),
     answered with ("configured", epoch)."""
     if watch_parent:
         _exit_with_parent()
@@ -352,11 +360,11 @@ def standby_main(events, control) -> None:  # noqa: ANN001 - multiprocessing obj
 def _control_loop(conn, servicer: StageServicer) -> None:  # noqa: ANN001 - a multiprocessing Connection
     while True:
         try:
-            op, epoch, next_address = conn.recv()
+            op, epoch, next_address, data_key = conn.recv()
         except EOFError:  # the daemon is gone; _exit_with_parent ends the process
             return
         if op == "configure":
-            servicer.configure(epoch, next_address)
+            servicer.configure(epoch, next_address, data_key)
             conn.send(("configured", epoch))
 
 
@@ -400,9 +408,12 @@ def _peer_loop(runner: StageRunner, broadcast: StepBroadcast) -> None:
 def _serve(servicer: StageServicer, host: str):  # noqa: ANN202
     import grpc
 
+    from node.security import Guard, require
     from node.stream import SERVER_OPTIONS
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
+    key = require("this placement epoch's data key", lambda: (servicer.data_key,), stale=lambda: servicer.old_keys)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS,
+                         interceptors=[Guard({"tensorfleet.v1.Stage": key})])
     node_pb2_grpc.add_StageServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{host}:0")
     server.start()

@@ -83,13 +83,14 @@ def _timed_probe(stub: node_pb2_grpc.StageStub, payload: bytes, timeout_s: float
     return took
 
 
-def measure_link(address: str, *, timeout_s: float = 30.0) -> LinkEstimate:
+def measure_link(address: str, *, secret: str | None = None, timeout_s: float = 30.0) -> LinkEstimate:
     """Bandwidth and latency towards the Stage service at ``address``, from the fastest of
     ``PROBE_TRIES`` probes of a small and a large payload: bandwidth = size difference / time difference."""
+    from node.security import with_bearer
     from node.stream import CHANNEL_OPTIONS
 
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = node_pb2_grpc.StageStub(channel)
+        stub = node_pb2_grpc.StageStub(with_bearer(channel, secret))
         small = bytes(PROBE_SMALL_BYTES)
         _timed_probe(stub, small, timeout_s)  # connects
         t_small = min(_timed_probe(stub, small, timeout_s) for _ in range(PROBE_TRIES))

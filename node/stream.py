@@ -32,12 +32,16 @@ class StreamClosed(RuntimeError):
 
 
 class StageStream:
-    def __init__(self, address: str, *, timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str, *, secret: str | None = None, timeout_s: float = 600.0) -> None:
+        """``secret``: the epoch's data key, sent with the stream (node/security.py)."""
+        from node.security import bearer
+
         self.address = address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._requests: queue.Queue = queue.Queue()
-        self._responses = node_pb2_grpc.StageStub(self._channel).Forward(iter(self._requests.get, _CLOSE))
+        self._responses = node_pb2_grpc.StageStub(self._channel).Forward(iter(self._requests.get, _CLOSE),
+                                                                         metadata=bearer(secret))
         self._pending: deque[tuple[int, Future]] = deque()
         self._lock = threading.Lock()
         self._closed: Exception | None = None

@@ -14,6 +14,22 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+    """Coordinators and clients started by the tests keep their secrets in a temporary state directory,
+    never in the user's ~/.tensorfleet (node/security.py); no key from the environment leaks in."""
+    saved = {k: os.environ.get(k) for k in ("TENSORFLEET_HOME", "TENSORFLEET_API_KEY", "TENSORFLEET_JOIN_TOKEN")}
+    os.environ["TENSORFLEET_HOME"] = str(tmp_path_factory.mktemp("tensorfleet-home"))
+    os.environ.pop("TENSORFLEET_API_KEY", None)
+    os.environ.pop("TENSORFLEET_JOIN_TOKEN", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _pick_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

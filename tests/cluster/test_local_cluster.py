@@ -141,7 +141,7 @@ def test_several_steps_in_flight_through_the_pipeline(tmp_path: Path) -> None:
                       coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "128"]) as c:
         with TensorfleetClient(c.address) as client:
             status = client.status()
-        stream = StageStream(status.stages[0].address)
+        stream = StageStream(status.stages[0].address, secret=c.stage_key(status))
         greedy = sampling_to_proto(SamplingParams(max_tokens=12))
 
         def step(step_id: int, slot: int, start: int, ids: list[int]) -> node_pb2.StepMessage:

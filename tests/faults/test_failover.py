@@ -109,7 +109,7 @@ def test_a_node_killed_mid_generation_loses_nothing(cluster: LocalCluster, refer
 
 def test_a_step_of_an_older_epoch_is_refused(cluster: LocalCluster) -> None:
     st = status(cluster)
-    stream = StageStream(st.stages[0].address)
+    stream = StageStream(st.stages[0].address, secret=cluster.stage_key(st))
     try:
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=st.epoch.value - 1), step_id=1)
         msg.sequences.add(request_id="stale", slot=0, start=0, token_ids=[1, 2, 3])

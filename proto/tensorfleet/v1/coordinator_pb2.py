@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from tensorfleet.v1 import common_pb2 as tensorfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorfleet/v1/coordinator.proto\x12\x0etensorfleet.v1\x1a\x1btensorfleet/v1/common.proto\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.tensorfleet.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tensorfleet.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.tensorfleet.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.tensorfleet.v1.Usage\"\x0f\n\rStatusRequest\"\x8d\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x04info\x18\x02 \x01(\x0b\x32\x18.tensorfleet.v1.NodeInfo\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.tensorfleet.v1.NodeState\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\"E\n\x0bStageMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\"\xd9\x01\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x06layers\x18\x02 \x01(\x0b\x32\x1a.tensorfleet.v1.LayerRange\x12,\n\x07members\x18\x03 \x03(\x0b\x32\x1b.tensorfleet.v1.StageMember\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x04\x12\x11\n\tnum_slots\x18\x07 \x01(\r\x12\x11\n\tslots_fit\x18\x08 \x01(\r\"\x9f\x03\n\x0eStatusResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05nodes\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.NodeStatus\x12)\n\x06stages\x18\x04 \x03(\x0b\x32\x19.tensorfleet.v1.StageInfo\x12\x18\n\x10requests_running\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fmax_step_tokens\x18\x08 \x01(\r\x12\x15\n\rmicro_batches\x18\t \x01(\r\x12\x12\n\nslots_free\x18\n \x01(\r\x12\x11\n\tmax_queue\x18\x0b \x01(\r\x12:\n\x11placement_changes\x18\x0c \x03(\x0b\x32\x1f.tensorfleet.v1.PlacementChange\x12\x1a\n\x12unavailable_reason\x18\r \x01(\t\"\xc7\x01\n\x0fPlacementChange\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\x05 \x01(\x01\x12\x12\n\nresumed_at\x18\x06 \x01(\x01\x12\x19\n\x11requests_replayed\x18\x07 \x01(\r\x12\x14\n\x0clayers_moved\x18\x08 \x01(\r\"5\n\x0bJoinRequest\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.tensorfleet.v1.NodeInfo\"\x8b\x01\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\x12-\n\x05\x65poch\x18\x04 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\"\x7f\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.DeviceInfo\"a\n\x11HeartbeatResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0e\n\x06rejoin\x18\x02 \x01(\x08\x12\r\n\x05leave\x18\x03 \x01(\x08\"\x1c\n\x0cLeaveRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"O\n\rLeaveResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\"\x11\n\x0fManifestRequest\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"u\n\rModelManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12,\n\x07tensors\x18\x03 \x03(\x0b\x32\x1b.tensorfleet.v1.TensorEntry\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"5\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"H\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05total\x18\x04 \x01(\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x9b\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fNODE_STATE_IDLE\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x04\x12\x15\n\x11NODE_STATE_FAILED\x10\x05\x32\xa5\x04\n\x0b\x43oordinator\x12O\n\x08Generate\x12\x1f.tensorfleet.v1.GenerateRequest\x1a .tensorfleet.v1.GenerateResponse0\x01\x12G\n\x06Status\x12\x1d.tensorfleet.v1.StatusRequest\x1a\x1e.tensorfleet.v1.StatusResponse\x12\x41\n\x04Join\x12\x1b.tensorfleet.v1.JoinRequest\x1a\x1c.tensorfleet.v1.JoinResponse\x12P\n\tHeartbeat\x12 .tensorfleet.v1.HeartbeatRequest\x1a!.tensorfleet.v1.HeartbeatResponse\x12\x44\n\x05Leave\x12\x1c.tensorfleet.v1.LeaveRequest\x1a\x1d.tensorfleet.v1.LeaveResponse\x12M\n\x0bGetManifest\x12\x1f.tensorfleet.v1.ManifestRequest\x1a\x1d.tensorfleet.v1.ModelManifest\x12R\n\x0c\x46\x65tchWeights\x12#.tensorfleet.v1.FetchWeightsRequest\x1a\x1b.tensorfleet.v1.WeightChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorfleet/v1/coordinator.proto\x12\x0etensorfleet.v1\x1a\x1btensorfleet/v1/common.proto\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.tensorfleet.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tensorfleet.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.tensorfleet.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.tensorfleet.v1.Usage\"\x0f\n\rStatusRequest\"\x8d\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x04info\x18\x02 \x01(\x0b\x32\x18.tensorfleet.v1.NodeInfo\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.tensorfleet.v1.NodeState\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\"E\n\x0bStageMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\"\xd9\x01\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x06layers\x18\x02 \x01(\x0b\x32\x1a.tensorfleet.v1.LayerRange\x12,\n\x07members\x18\x03 \x03(\x0b\x32\x1b.tensorfleet.v1.StageMember\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x04\x12\x11\n\tnum_slots\x18\x07 \x01(\r\x12\x11\n\tslots_fit\x18\x08 \x01(\r\"\xb8\x03\n\x0eStatusResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05nodes\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.NodeStatus\x12)\n\x06stages\x18\x04 \x03(\x0b\x32\x19.tensorfleet.v1.StageInfo\x12\x18\n\x10requests_running\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fmax_step_tokens\x18\x08 \x01(\r\x12\x15\n\rmicro_batches\x18\t \x01(\r\x12\x12\n\nslots_free\x18\n \x01(\r\x12\x11\n\tmax_queue\x18\x0b \x01(\r\x12:\n\x11placement_changes\x18\x0c \x03(\x0b\x32\x1f.tensorfleet.v1.PlacementChange\x12\x1a\n\x12unavailable_reason\x18\r \x01(\t\x12\x17\n\x0f\x63oordinator_run\x18\x0e \x01(\t\"\xc7\x01\n\x0fPlacementChange\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\x05 \x01(\x01\x12\x12\n\nresumed_at\x18\x06 \x01(\x01\x12\x19\n\x11requests_replayed\x18\x07 \x01(\r\x12\x14\n\x0clayers_moved\x18\x08 \x01(\r\"5\n\x0bJoinRequest\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.tensorfleet.v1.NodeInfo\"\x8b\x01\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\x12-\n\x05\x65poch\x18\x04 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\"\x7f\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.tensorfleet.v1.DeviceInfo\"a\n\x11HeartbeatResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0e\n\x06rejoin\x18\x02 \x01(\x08\x12\r\n\x05leave\x18\x03 \x01(\x08\"\x1c\n\x0cLeaveRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"O\n\rLeaveResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x05\x65poch\x18\x02 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\"\x11\n\x0fManifestRequest\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"u\n\rModelManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12,\n\x07tensors\x18\x03 \x03(\x0b\x32\x1b.tensorfleet.v1.TensorEntry\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"5\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"H\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05total\x18\x04 \x01(\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\x9b\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fNODE_STATE_IDLE\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x04\x12\x15\n\x11NODE_STATE_FAILED\x10\x05\x32\xa5\x04\n\x0b\x43oordinator\x12O\n\x08Generate\x12\x1f.tensorfleet.v1.GenerateRequest\x1a .tensorfleet.v1.GenerateResponse0\x01\x12G\n\x06Status\x12\x1d.tensorfleet.v1.StatusRequest\x1a\x1e.tensorfleet.v1.StatusResponse\x12\x41\n\x04Join\x12\x1b.tensorfleet.v1.JoinRequest\x1a\x1c.tensorfleet.v1.JoinResponse\x12P\n\tHeartbeat\x12 .tensorfleet.v1.HeartbeatRequest\x1a!.tensorfleet.v1.HeartbeatResponse\x12\x44\n\x05Leave\x12\x1c.tensorfleet.v1.LeaveRequest\x1a\x1d.tensorfleet.v1.LeaveResponse\x12M\n\x0bGetManifest\x12\x1f.tensorfleet.v1.ManifestRequest\x1a\x1d.tensorfleet.v1.ModelManifest\x12R\n\x0c\x46\x65tchWeights\x12#.tensorfleet.v1.FetchWeightsRequest\x1a\x1b.tensorfleet.v1.WeightChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorfleet.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2440
-  _globals['_FINISHREASON']._serialized_end=2564
-  _globals['_NODESTATE']._serialized_start=2567
-  _globals['_NODESTATE']._serialized_end=2722
+  _globals['_FINISHREASON']._serialized_start=2465
+  _globals['_FINISHREASON']._serialized_end=2589
+  _globals['_NODESTATE']._serialized_start=2592
+  _globals['_NODESTATE']._serialized_end=2747
   _globals['_GENERATEREQUEST']._serialized_start=82
   _globals['_GENERATEREQUEST']._serialized_end=242
   _globals['_USAGE']._serialized_start=244
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=707
   _globals['_STAGEINFO']._serialized_end=924
   _globals['_STATUSRESPONSE']._serialized_start=927
-  _globals['_STATUSRESPONSE']._serialized_end=1342
-  _globals['_PLACEMENTCHANGE']._serialized_start=1345
-  _globals['_PLACEMENTCHANGE']._serialized_end=1544
-  _globals['_JOINREQUEST']._serialized_start=1546
-  _globals['_JOINREQUEST']._serialized_end=1599
-  _globals['_JOINRESPONSE']._serialized_start=1602
-  _globals['_JOINRESPONSE']._serialized_end=1741
-  _globals['_HEARTBEATREQUEST']._serialized_start=1743
-  _globals['_HEARTBEATREQUEST']._serialized_end=1870
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1872
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1969
-  _globals['_LEAVEREQUEST']._serialized_start=1971
-  _globals['_LEAVEREQUEST']._serialized_end=1999
-  _globals['_LEAVERESPONSE']._serialized_start=2001
-  _globals['_LEAVERESPONSE']._serialized_end=2080
-  _globals['_MANIFESTREQUEST']._serialized_start=2082
-  _globals['_MANIFESTREQUEST']._serialized_end=2099
-  _globals['_TENSORENTRY']._serialized_start=2101
-  _globals['_TENSORENTRY']._serialized_end=2190
-  _globals['_MODELMANIFEST']._serialized_start=2192
-  _globals['_MODELMANIFEST']._serialized_end=2309
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=2311
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=2364
-  _globals['_WEIGHTCHUNK']._serialized_start=2366
-  _globals['_WEIGHTCHUNK']._serialized_end=2438
-  _globals['_COORDINATOR']._serialized_start=2725
-  _globals['_COORDINATOR']._serialized_end=3274
+  _globals['_STATUSRESPONSE']._serialized_end=1367
+  _globals['_PLACEMENTCHANGE']._serialized_start=1370
+  _globals['_PLACEMENTCHANGE']._serialized_end=1569
+  _globals['_JOINREQUEST']._serialized_start=1571
+  _globals['_JOINREQUEST']._serialized_end=1624
+  _globals['_JOINRESPONSE']._serialized_start=1627
+  _globals['_JOINRESPONSE']._serialized_end=1766
+  _globals['_HEARTBEATREQUEST']._serialized_start=1768
+  _globals['_HEARTBEATREQUEST']._serialized_end=1895
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1897
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1994
+  _globals['_LEAVEREQUEST']._serialized_start=1996
+  _globals['_LEAVEREQUEST']._serialized_end=2024
+  _globals['_LEAVERESPONSE']._serialized_start=2026
+  _globals['_LEAVERESPONSE']._serialized_end=2105
+  _globals['_MANIFESTREQUEST']._serialized_start=2107
+  _globals['_MANIFESTREQUEST']._serialized_end=2124
+  _globals['_TENSORENTRY']._serialized_start=2126
+  _globals['_TENSORENTRY']._serialized_end=2215
+  _globals['_MODELMANIFEST']._serialized_start=2217
+  _globals['_MODELMANIFEST']._serialized_end=2334
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=2336
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=2389
+  _globals['_WEIGHTCHUNK']._serialized_start=2391
+  _globals['_WEIGHTCHUNK']._serialized_end=2463
+  _globals['_COORDINATOR']._serialized_start=2750
+  _globals['_COORDINATOR']._serialized_end=3299
 # @@protoc_insertion_point(module_scope)

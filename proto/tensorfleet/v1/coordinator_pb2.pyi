@@ -115,7 +115,7 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., members: _Optional[_Iterable[_Union[StageMember, _Mapping]]] = ..., address: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., num_slots: _Optional[int] = ..., slots_fit: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting", "max_batch_size", "max_step_tokens", "micro_batches", "slots_free", "max_queue", "placement_changes", "unavailable_reason")
+    __slots__ = ("epoch", "model", "nodes", "stages", "requests_running", "requests_waiting", "max_batch_size", "max_step_tokens", "micro_batches", "slots_free", "max_queue", "placement_changes", "unavailable_reason", "coordinator_run")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class StatusResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_CHANGES_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_RUN_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
@@ -142,7 +143,8 @@ class StatusResponse(_message.Message):
     max_queue: int
     placement_changes: _containers.RepeatedCompositeFieldContainer[PlacementChange]
     unavailable_reason: str
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., micro_batches: _Optional[int] = ..., slots_free: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_changes: _Optional[_Iterable[_Union[PlacementChange, _Mapping]]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+    coordinator_run: str
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., micro_batches: _Optional[int] = ..., slots_free: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_changes: _Optional[_Iterable[_Union[PlacementChange, _Mapping]]] = ..., unavailable_reason: _Optional[str] = ..., coordinator_run: _Optional[str] = ...) -> None: ...
 
 class PlacementChange(_message.Message):
     __slots__ = ("epoch", "kind", "nodes", "reason", "detected_at", "resumed_at", "requests_replayed", "layers_moved")

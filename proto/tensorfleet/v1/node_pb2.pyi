@@ -38,7 +38,7 @@ class LocalRank(_message.Message):
     def __init__(self, device_index: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "num_slots", "max_seq_len", "next_stage_address", "weight_source", "codec", "codec_min_tokens", "tp_codec", "tp_codec_min_elements")
+    __slots__ = ("epoch", "model", "stage_index", "num_stages", "layers", "dtype", "group", "local_ranks", "num_slots", "max_seq_len", "next_stage_address", "weight_source", "codec", "codec_min_tokens", "tp_codec", "tp_codec_min_elements", "data_key")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class LoadStageRequest(_message.Message):
     CODEC_MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TP_CODEC_FIELD_NUMBER: _ClassVar[int]
     TP_CODEC_MIN_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_KEY_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     model: str
     stage_index: int
@@ -71,7 +72,8 @@ class LoadStageRequest(_message.Message):
     codec_min_tokens: int
     tp_codec: str
     tp_codec_min_elements: int
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., num_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ..., weight_source: _Optional[_Union[WeightSource, str]] = ..., codec: _Optional[str] = ..., codec_min_tokens: _Optional[int] = ..., tp_codec: _Optional[str] = ..., tp_codec_min_elements: _Optional[int] = ...) -> None: ...
+    data_key: str
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., model: _Optional[str] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., layers: _Optional[_Union[_common_pb2.LayerRange, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., group: _Optional[_Union[TensorParallelGroup, _Mapping]] = ..., local_ranks: _Optional[_Iterable[_Union[LocalRank, _Mapping]]] = ..., num_slots: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., next_stage_address: _Optional[str] = ..., weight_source: _Optional[_Union[WeightSource, str]] = ..., codec: _Optional[str] = ..., codec_min_tokens: _Optional[int] = ..., tp_codec: _Optional[str] = ..., tp_codec_min_elements: _Optional[int] = ..., data_key: _Optional[str] = ...) -> None: ...
 
 class LoadStageResponse(_message.Message):
     __slots__ = ("epoch", "weight_bytes", "kv_cache_bytes", "load_seconds", "stage_address", "fetched_bytes")
