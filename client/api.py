@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from client import DEFAULT_COORDINATOR_PORT
-from client.credentials import API_KEYS_FILE, ENV_API_KEY, find_secret, state_dir, with_bearer
+from client.credentials import API_KEYS_FILE, ENV_API_KEY, client_channel, find_secret, state_dir, with_bearer
 from client.display import format_status, status_to_dict, status_to_json
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -113,6 +113,7 @@ class TensorfleetClient:
     ``api_key`` is sent with every call (``authorization: Bearer``). None looks for one in
     ``$TENSORFLEET_API_KEY``, then in the local coordinator's state directory (``$TENSORFLEET_HOME``
     or ~/.tensorfleet, file ``api-keys``); "" sends none (a coordinator started with ``--no-auth``).
+    ``tls_ca``: the CA certificate to trust for TLS (None: ``$TENSORFLEET_TLS_CA``; "" or unset: plaintext).
     """
 
     def __init__(
@@ -122,13 +123,14 @@ class TensorfleetClient:
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
         api_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout} must be > 0 seconds (or None for no limit)")
         self.address = address
         self.timeout = timeout
         self._owns_channel = channel is None
-        self._channel = grpc.insecure_channel(address) if channel is None else channel
+        self._channel = client_channel(address, tls_ca) if channel is None else channel
         if api_key is None:
             api_key = find_secret(None, ENV_API_KEY, state_dir(), API_KEYS_FILE)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(with_bearer(self._channel, api_key))

@@ -96,6 +96,8 @@ def _add_common_flags(parser: argparse.ArgumentParser, *, timeout_help: str, tim
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="the API key (default: $TENSORFLEET_API_KEY, else the local coordinator's "
                              "$TENSORFLEET_HOME/api-keys; prefer the variable: flags show in `ps`)")
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="talk TLS, trusting this CA certificate (default: $TENSORFLEET_TLS_CA; none: plaintext)")
 
 
 def resolve_address(flag: str | None) -> str:
@@ -155,7 +157,7 @@ def _generate(args: argparse.Namespace, address: str) -> int:
         stop_token_ids=args.stop_token_id,
         ignore_eos=args.ignore_eos,
     )
-    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key) as tf:
+    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key, tls_ca=args.tls_ca) as tf:
         start = time.perf_counter()
         if args.no_stream or args.json:
             completion = tf.generate(prompt, **sampling)
@@ -195,7 +197,7 @@ def _summary(tokens: int, finish: str, seconds: float) -> None:
 
 
 def _status(args: argparse.Namespace, address: str) -> int:
-    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key) as tf:
+    with TensorfleetClient(address, timeout=args.timeout, api_key=args.api_key, tls_ca=args.tls_ca) as tf:
         status = tf.status()
     print(status_to_json(status) if args.json else format_status(status))
     return 0

@@ -15,6 +15,7 @@ import grpc
 JOIN_TOKEN_FILE = "join-token"
 API_KEYS_FILE = "api-keys"
 ENV_HOME, ENV_API_KEY, ENV_JOIN_TOKEN = "TENSORFLEET_HOME", "TENSORFLEET_API_KEY", "TENSORFLEET_JOIN_TOKEN"
+ENV_TLS_CA = "TENSORFLEET_TLS_CA"
 MAX_SECRET_CHARS = 256
 
 
@@ -91,3 +92,18 @@ class _CallDetails(grpc.ClientCallDetails):
 def with_bearer(channel: grpc.Channel, secret: str | None) -> grpc.Channel:
     """``channel`` with ``authorization: Bearer <secret>`` on every call (as is without a secret)."""
     return grpc.intercept_channel(channel, _AddMetadata(bearer(secret))) if secret else channel
+
+
+def client_channel(address: str, tls_ca: str | None) -> grpc.Channel:
+    """A client's channel: TLS trusting the CA certificate file ``tls_ca`` (None: ``$TENSORFLEET_TLS_CA``),
+    plaintext when there is none ("" forces plaintext)."""
+    ca = os.environ.get(ENV_TLS_CA) if tls_ca is None else tls_ca
+    if not ca:
+        return grpc.insecure_channel(address)
+    try:
+        pem = Path(ca).read_bytes()
+    except OSError as e:
+        raise CredentialsError(f"cannot read the CA certificate {ca}: {e.strerror}") from e
+    if b"BEGIN CERTIFICATE" not in pem:
+        raise CredentialsError(f"{ca} is not a PEM certificate (use the ca.pem of `tensorfleet certs create`)")
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem))

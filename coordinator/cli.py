@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--state-dir", default=None, metavar="DIR",
                        help="where the cluster's join token and API keys live (created 0600 on first start and "
                             "printed once; default: $TENSORFLEET_HOME, else ~/.tensorfleet)")
+    start.add_argument("--tls", default=None, metavar="DIR",
+                       help="serve over TLS and talk to the nodes over mutual TLS with the certificates in DIR "
+                            "(ca.pem, cluster.pem, cluster-key.pem: `tensorfleet certs create`)")
     start.add_argument("--no-auth", action="store_true",
                        help="clients need no API key (local use only; nodes still need the join token)")
     start.add_argument("--tp-codec", default="exact", metavar="SPEC",
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                    capacity_wait_s=args.capacity_wait, codec=args.codec,
                                    codec_min_tokens=args.codec_min_tokens, tp_codec=args.tp_codec,
                                    tp_codec_min_elements=args.tp_codec_min_elements, state_dir=args.state_dir,
-                                   client_auth=not args.no_auth)
+                                   client_auth=not args.no_auth, tls_dir=args.tls)
         server, coordinator = serve(config)
         _announce_secrets(coordinator)
     except TensorfleetError as e:

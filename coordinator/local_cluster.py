@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.credentials import ENV_API_KEY
+from client.credentials import ENV_API_KEY, ENV_TLS_CA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalCluster:
     def __init__(self, workdir: str | Path, *, model: str | None = None, nodes: list[NodeSpec],
                  coordinator_args: list[str] | None = None, port: int | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", tls_dir: str | Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model, self.node_specs = model, nodes
@@ -61,7 +61,10 @@ class LocalCluster:
         self.home = self.workdir / "home"
         self.secrets = load_or_create(self.home)
         self.api_key = self.secrets.api_keys[0]
-        self._saved_key: str | None = None
+        self.tls_dir = str(tls_dir) if tls_dir else None  # TLS on every channel (node/certs.py)
+        # What clients of this process find in the environment while the cluster runs.
+        self.client_env = {ENV_API_KEY: self.api_key, ENV_TLS_CA: str(Path(tls_dir) / "ca.pem") if tls_dir else ""}
+        self._saved_env: dict[str, str | None] = {}
 
     def _spawn(self, name: str, args: list[str], *, taskset: str | None = None,
                env: dict[str, str] | None = None, netns: str | None = None) -> subprocess.Popen:
@@ -81,8 +84,8 @@ class LocalCluster:
         return proc
 
     def start(self, *, timeout_s: float = 300.0) -> LocalCluster:
-        self._saved_key = os.environ.get(ENV_API_KEY)
-        os.environ[ENV_API_KEY] = self.api_key
+        self._saved_env = {k: os.environ.get(k) for k in self.client_env}
+        os.environ.update(self.client_env)
         try:
             self.start_coordinator()
             for i, spec in enumerate(self.node_specs):
@@ -98,6 +101,8 @@ class LocalCluster:
         model once ``min_nodes`` (default: all the cluster's nodes) have joined."""
         args = ["-m", "coordinator.cli", "start", "--host", self.host, "--port", str(self.port),
                 "--min-nodes", str(min_nodes or len(self.node_specs)), *self.coordinator_args]
+        if self.tls_dir:
+            args += ["--tls", self.tls_dir]
         if self.model:
             args += ["--model", self.model]
         old = self.procs.get("coordinator")
@@ -119,6 +124,8 @@ class LocalCluster:
             args += ["--cache-dir", spec.cache_dir]
         if spec.host:
             args += ["--host", spec.host]
+        if self.tls_dir:
+            args += ["--tls", self.tls_dir]
         return self._spawn(name, args, taskset=spec.taskset, env=spec.env, netns=spec.netns)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -185,11 +192,14 @@ class LocalCluster:
             time.sleep(0.05)
         for pgid in leftover:
             _signal_group(pgid, signal.SIGKILL)
-        if os.environ.get(ENV_API_KEY) == self.api_key:
-            if self._saved_key is None:
-                os.environ.pop(ENV_API_KEY, None)
+        for key, value in self._saved_env.items():
+            if os.environ.get(key) != self.client_env[key]:
+                continue  # changed meanwhile: not ours to restore
+            if value is None:
+                os.environ.pop(key, None)
             else:
-                os.environ[ENV_API_KEY] = self._saved_key
+                os.environ[key] = value
+        self._saved_env = {}
 
     def __enter__(self) -> LocalCluster:
         return self.start()

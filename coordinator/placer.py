@@ -34,7 +34,7 @@ from coordinator.logs import log
 from coordinator.membership import Change, Member, Membership
 from coordinator.scheduler import Scheduler
 from engine.errors import TensorfleetError
-from node.security import data_key, with_bearer
+from node.security import data_key, open_channel, with_bearer
 from node.stream import CHANNEL_OPTIONS, StageStream
 from node.wire import dtype_to_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_grpc
@@ -70,7 +70,7 @@ class Placer:
 
     # ----------------------------------------------------------------------------------- members
     def join(self, info: common_pb2.NodeInfo) -> Member:
-        channel = grpc.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        channel = open_channel(info.address, self.config.tls_dir, options=CHANNEL_OPTIONS)
         member = self.membership.join(info, stub=node_pb2_grpc.NodeStub(with_bearer(channel, self.join_token)),
                                       health=health_pb2_grpc.HealthStub(channel))
         log(f"{member.node_id} joined from {info.address} with {len(info.devices)} device(s)")
@@ -230,7 +230,7 @@ class Placer:
             self.epoch = epoch  # even if loading fails: stages loaded under it are never used
         key = data_key(self.join_token, self.run, epoch)  # the stages of this epoch accept only it
         infos = self._load_stages(plan, {m.node_id: m for m in members}, epoch, num_slots, capacities, key)
-        stream = StageStream(infos[0].address, secret=key)
+        stream = StageStream(infos[0].address, secret=key, tls_dir=self.config.tls_dir)
         moved = layers_moved(self.plan, plan, profile.num_layers)
         with self.lock:
             self.stages, self.stream, self.plan = infos, stream, plan

@@ -25,7 +25,7 @@ from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
-from node.security import Guard, allow_all, load_or_create, require, state_dir
+from node.security import Guard, add_port, allow_all, load_or_create, require, state_dir
 from node.stream import SERVER_OPTIONS
 from node.wire import sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -59,6 +59,7 @@ class CoordinatorConfig:
     cache_dir: str | None = None
     state_dir: str | None = None  # join token, API keys (node/security.py); None: $TENSORFLEET_HOME, ~/.tensorfleet
     client_auth: bool = True  # clients need an API key (False: --no-auth, for local use)
+    tls_dir: str | None = None  # the cluster's certificates (node/certs.py): TLS on every channel
 
     def __post_init__(self) -> None:
         if not 10 <= self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
@@ -262,7 +263,8 @@ def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
                          interceptors=[coordinator.guard()])
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)
-    bound = server.add_insecure_port(f"{config.host}:{config.port}")
+    # Clients present no certificate (their API key identifies them); nodes' servers require one.
+    bound = add_port(server, f"{config.host}:{config.port}", config.tls_dir, require_client_cert=False)
     if bound == 0:
         raise TensorfleetError(f"cannot listen on {config.host}:{config.port} (in use?)")
     server.start()

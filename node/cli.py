@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", default=None, metavar="DIR",
+                        help="the cluster's certificates (ca.pem, cluster.pem, cluster-key.pem: `tensorfleet certs "
+                             "create`): TLS to the coordinator, mutual TLS on this node's servers")
     parser.add_argument("--token-file", default=None, metavar="FILE",
                         help="the file holding the cluster's join token, printed by `coordinator start` "
                              "(default: $TENSORFLEET_JOIN_TOKEN, else $TENSORFLEET_HOME/join-token, else "
@@ -113,7 +116,7 @@ def leave(args: argparse.Namespace) -> int:
     import grpc
 
     from engine.errors import TensorfleetError
-    from node.security import with_bearer
+    from node.security import open_channel, with_bearer
     from tensorfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     try:
@@ -121,7 +124,12 @@ def leave(args: argparse.Namespace) -> int:
     except (TensorfleetError, ValueError) as e:
         print(f"node: error: {e}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.coordinator) as channel:
+    try:
+        channel = open_channel(args.coordinator, args.tls)
+    except (TensorfleetError, ValueError) as e:
+        print(f"node: error: {e}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             reply = coordinator_pb2_grpc.CoordinatorStub(with_bearer(channel, token)).Leave(
                 coordinator_pb2.LeaveRequest(node=args.node), timeout=args.timeout)
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
                             port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
-                            probe=not args.no_probe, standby=not args.no_standby, join_token=join_token(args))
+                            probe=not args.no_probe, standby=not args.no_standby, join_token=join_token(args),
+                            tls_dir=args.tls)
         daemon = NodeDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())
         daemon.start()

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.errors import TensorfleetError
 from engine.logs import log_line
 from node.executor import ExecutorSpec, executor_main, standby_main
-from node.security import Guard, require, with_bearer
+from node.security import Guard, add_port, open_channel, require, with_bearer
 from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
@@ -51,6 +51,7 @@ class NodeConfig:
     probe: bool = True
     standby: bool = True  # keep an executor process started ahead (faster failover; costs its memory)
     join_token: str = ""  # the cluster's join token (node/security.py)
+    tls_dir: str | None = None  # the cluster's certificates (node/certs.py): TLS everywhere, mutual on our servers
 
 
 def log(msg: str) -> None:
@@ -71,7 +72,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.name = config.name or socket.gethostname()
         self.devices = inventory(config.devices)
         self.cache_dir = Path(config.cache_dir or _default_cache()).expanduser()
-        self.channel = grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(config.coordinator, config.tls_dir, options=CHANNEL_OPTIONS)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(with_bearer(self.channel, config.join_token))
         self.procs: list[mp.Process] = []
         self.procs_lock = threading.Lock()
@@ -100,7 +101,8 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                   interceptors=[Guard({"tensorfleet.v1.Node": token})])
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        port = add_port(self.server, f"{self.config.host}:{self.config.port}", self.config.tls_dir,
+                        require_client_cert=True)
         if port == 0:
             raise TensorfleetError(f"cannot listen on {self.config.host}:{self.config.port} (in use?)")
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -281,7 +283,8 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host,
                                 codec=req.codec, codec_min_tokens=req.codec_min_tokens, tp_codec=req.tp_codec,
-                                tp_codec_min_elements=req.tp_codec_min_elements, data_key=req.data_key, **source)
+                                tp_codec_min_elements=req.tp_codec_min_elements, data_key=req.data_key,
+                                tls_dir=self.config.tls_dir, **source)
             if standby is not None:  # torch already imported there: about 1.5 s sooner on CPU
                 control.send(("start", spec))
                 procs.append(proc)

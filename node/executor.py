@@ -73,6 +73,7 @@ class ExecutorSpec:
     tp_codec: str = ""  # how the group's all-reduces are compressed: engine/collectives.py ("": exact)
     tp_codec_min_elements: int = 0  # all-reduces of fewer elements stay exact (0: the default)
     data_key: str = ""  # the epoch's data key: Stage calls must carry it, and calls downstream do
+    tls_dir: str | None = None  # the cluster's certificates: the Stage service and calls downstream use TLS
 
 
 class StageRunner:
@@ -285,7 +286,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
             if self.downstream is None:
                 from node.stream import StageStream
 
-                self.downstream = StageStream(self.next_address, secret=self.data_key)
+                self.downstream = StageStream(self.next_address, secret=self.data_key, tls_dir=self.spec.tls_dir)
                 if self.policy.mode.mode == "auto":
                     threading.Thread(target=self._measure_link, args=(self.next_address, self.data_key),
                                      name="link-probe", daemon=True).start()
@@ -296,7 +297,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
         uncompressed until it is done. Runs beside the steps, so its probes share the link with them."""
         name = f"stage {self.spec.start}-{self.spec.end - 1}"
         try:
-            link = measure_link(address, secret=data_key)
+            link = measure_link(address, secret=data_key, tls_dir=self.spec.tls_dir)
             if self._cost is None:
                 stage = self.runner.stage
                 self._cost = measure_cost(self.policy.codec, self.runner.cfg.hidden_size, stage.dtype, stage.device)
@@ -408,14 +409,14 @@ def _peer_loop(runner: StageRunner, broadcast: StepBroadcast) -> None:
 def _serve(servicer: StageServicer, host: str):  # noqa: ANN202
     import grpc
 
-    from node.security import Guard, require
+    from node.security import Guard, add_port, require
     from node.stream import SERVER_OPTIONS
 
     key = require("this placement epoch's data key", lambda: (servicer.data_key,), stale=lambda: servicer.old_keys)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS,
                          interceptors=[Guard({"tensorfleet.v1.Stage": key})])
     node_pb2_grpc.add_StageServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{host}:0")
+    port = add_port(server, f"{host}:0", servicer.spec.tls_dir, require_client_cert=True)
     server.start()
     return server, f"{host}:{port}"
 

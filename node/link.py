@@ -25,7 +25,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from engine.codecs import Codec, make_codec
@@ -83,13 +82,14 @@ def _timed_probe(stub: node_pb2_grpc.StageStub, payload: bytes, timeout_s: float
     return took
 
 
-def measure_link(address: str, *, secret: str | None = None, timeout_s: float = 30.0) -> LinkEstimate:
+def measure_link(address: str, *, secret: str | None = None, tls_dir: str | None = None,
+                 timeout_s: float = 30.0) -> LinkEstimate:
     """Bandwidth and latency towards the Stage service at ``address``, from the fastest of
     ``PROBE_TRIES`` probes of a small and a large payload: bandwidth = size difference / time difference."""
-    from node.security import with_bearer
+    from node.security import open_channel, with_bearer
     from node.stream import CHANNEL_OPTIONS
 
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with open_channel(address, tls_dir, options=CHANNEL_OPTIONS) as channel:
         stub = node_pb2_grpc.StageStub(with_bearer(channel, secret))
         small = bytes(PROBE_SMALL_BYTES)
         _timed_probe(stub, small, timeout_s)  # connects

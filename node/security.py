@@ -87,6 +87,28 @@ def data_key(join_token: str, run: str, epoch: int) -> str:
     return f"tfdata-{digest}"
 
 
+# ---------------------------------------------------------------------------------- transport
+def open_channel(address: str, tls_dir: str | None, *, options: list | None = None) -> grpc.Channel:
+    """A channel to a cluster peer: plaintext without ``tls_dir``, else TLS presenting the cluster's
+    certificate (node servers require one: mutual TLS; node/certs.py)."""
+    if not tls_dir:
+        return grpc.insecure_channel(address, options=options)
+    from node.certs import TLSFiles, channel_credentials
+
+    return grpc.secure_channel(address, channel_credentials(TLSFiles.from_dir(tls_dir), client_cert=True),
+                               options=options)
+
+
+def add_port(server: grpc.Server, address: str, tls_dir: str | None, *, require_client_cert: bool) -> int:
+    """Listen on ``address``: plaintext without ``tls_dir``, else TLS (mutual if ``require_client_cert``)."""
+    if not tls_dir:
+        return server.add_insecure_port(address)
+    from node.certs import TLSFiles, server_credentials
+
+    creds = server_credentials(TLSFiles.from_dir(tls_dir), require_client_cert=require_client_cert)
+    return server.add_secure_port(address, creds)
+
+
 # ----------------------------------------------------------------------------------- server side
 def presented(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The bearer secret of a call's metadata, or None."""

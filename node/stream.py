@@ -32,13 +32,15 @@ class StreamClosed(RuntimeError):
 
 
 class StageStream:
-    def __init__(self, address: str, *, secret: str | None = None, timeout_s: float = 600.0) -> None:
-        """``secret``: the epoch's data key, sent with the stream (node/security.py)."""
-        from node.security import bearer
+    def __init__(self, address: str, *, secret: str | None = None, tls_dir: str | None = None,
+                 timeout_s: float = 600.0) -> None:
+        """``secret``: the epoch's data key, sent with the stream; ``tls_dir``: the cluster's certificates
+        (node/security.py)."""
+        from node.security import bearer, open_channel
 
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, tls_dir, options=CHANNEL_OPTIONS)
         self._requests: queue.Queue = queue.Queue()
         self._responses = node_pb2_grpc.StageStub(self._channel).Forward(iter(self._requests.get, _CLOSE),
                                                                          metadata=bearer(secret))
