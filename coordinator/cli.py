@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-queue", type=_positive_int, default=defaults.MAX_QUEUE,
                        help="requests waiting for a slot before new ones are refused with RESOURCE_EXHAUSTED "
                             "(default: %(default)s)")
+    start.add_argument("--max-streams-per-client", type=_positive_int, default=defaults.MAX_STREAMS_PER_CLIENT,
+                       help="Generate streams one API key (without keys: one address) may hold at once; more are "
+                            "refused with RESOURCE_EXHAUSTED (default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=2048,
                        help="longest sequence (prompt + generated) (default: %(default)s)")
     start.add_argument("--heartbeat-ms", type=_positive_int, default=defaults.HEARTBEAT_INTERVAL_MS,
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                    dtype=args.dtype, num_slots=args.slots, max_slots=args.max_slots,
                                    kv_memory_fraction=args.kv_memory_fraction, num_stages=args.stages,
                                    micro_batches=args.micro_batches, max_step_tokens=args.max_step_tokens,
-                                   max_queue=args.max_queue,
+                                   max_queue=args.max_queue, max_streams_per_client=args.max_streams_per_client,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,
                                    heartbeat_timeout_ms=args.heartbeat_timeout_ms,

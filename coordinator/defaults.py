@@ -5,6 +5,8 @@ KV_MEMORY_FRACTION = 0.5  # of each device's free memory beside its weights, for
 MAX_SLOTS = 64  # bound on the sequence slots derived from memory
 MAX_STEP_TOKENS = 256  # tokens per step: decode rows plus prompt chunks
 MAX_QUEUE = 1024  # requests waiting for a slot before new ones are refused
+MAX_STREAMS_PER_CLIENT = 256  # Generate streams one API key (or, without keys, one peer) may hold at once
+MAX_PROMPT_CHARS = 1 << 20  # text prompts longer than this are refused before they are tokenized
 # Failure detection: a node whose heartbeats stop for HEARTBEAT_TIMEOUT_MS is declared failed and its
 # layers are re-placed. Sub-second values are allowed; too short a timeout on a loaded machine re-places
 # healthy nodes (harmless to outputs, costly in time).

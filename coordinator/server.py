@@ -7,8 +7,10 @@ RPC handlers are thin: they convert protobuf to domain types and call plain code
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -25,8 +27,8 @@ from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
-from node.security import Guard, add_port, allow_all, load_or_create, require, state_dir
-from node.stream import SERVER_OPTIONS
+from node.security import Guard, add_port, allow_all, load_or_create, presented, require, state_dir
+from node.stream import CONTROL_SERVER_OPTIONS
 from node.wire import sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -48,6 +50,7 @@ class CoordinatorConfig:
     micro_batches: int | None = None  # steps in flight; None: one per stage
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
+    max_streams_per_client: int = defaults.MAX_STREAMS_PER_CLIENT
     max_seq_len: int = 2048
     heartbeat_interval_ms: int = defaults.HEARTBEAT_INTERVAL_MS
     heartbeat_timeout_ms: int = defaults.HEARTBEAT_TIMEOUT_MS
@@ -65,6 +68,8 @@ class CoordinatorConfig:
         if not 10 <= self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
             raise TensorfleetError(f"heartbeat interval {self.heartbeat_interval_ms} ms must be at least 10 ms and "
                                    f"below the timeout ({self.heartbeat_timeout_ms} ms)")
+        if self.max_streams_per_client < 1:
+            raise TensorfleetError(f"max_streams_per_client={self.max_streams_per_client} must be >= 1")
         if self.capacity_wait_s < 0:
             raise TensorfleetError(f"capacity wait {self.capacity_wait_s} s must be >= 0")
         from node.link import parse_link_codec
@@ -103,6 +108,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.health = health.HealthServicer()
         self._set_serving(False)
+        self.streams = StreamLimiter(config.max_streams_per_client)
         self.scheduler = Scheduler(eos_ids=self.eos_ids, max_queue=config.max_queue,
                                    max_step_tokens=config.max_step_tokens,
                                    on_step_error=lambda error: self.placer.on_step_error(error))
@@ -200,6 +206,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             req = self._new_request(request)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        client = client_identity(context)
+        if not self.streams.acquire(client):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this client already holds {self.streams.limit} "
+                                                              f"streams (--max-streams-per-client)")
+        context.add_callback(lambda: self.streams.release(client))
         try:
             self.scheduler.submit(req)
         except OverflowError as e:
@@ -221,6 +232,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def _new_request(self, request: coordinator_pb2.GenerateRequest) -> Request:
         params = sampling_from_proto(request.sampling)
         if request.WhichOneof("prompt") == "text":
+            if len(request.text) > defaults.MAX_PROMPT_CHARS:
+                raise ValueError(f"the prompt has {len(request.text)} characters; at most {defaults.MAX_PROMPT_CHARS}")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: send token ids")
             ids = list(self.tokenizer.apply_chat_template([{"role": "user", "content": request.text}],
@@ -241,6 +254,39 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                        seed=resolve_seed(params), detok=IncrementalDetokenizer(self.tokenizer, params.stop))
 
 
+def client_identity(context) -> str:  # noqa: ANN001 - a grpc.ServicerContext
+    """Whose stream this is: the API key it presented (hashed), else the peer's address without its port."""
+    key = presented(context.invocation_metadata())
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    peer = context.peer() or ""
+    return "peer:" + (peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer)
+
+
+class StreamLimiter:
+    """At most ``limit`` streams at once per client identity."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.active: dict[str, int] = {}
+
+    def acquire(self, client: str) -> bool:
+        with self.lock:
+            if self.active.get(client, 0) >= self.limit:
+                return False
+            self.active[client] = self.active.get(client, 0) + 1
+            return True
+
+    def release(self, client: str) -> None:
+        with self.lock:
+            left = self.active.get(client, 0) - 1
+            if left > 0:
+                self.active[client] = left
+            else:
+                self.active.pop(client, None)
+
+
 def _coalesce(events: queue.Queue) -> Event:
     """The next event, merged with those already waiting behind it: a client that reads slower than
     tokens come gets them in fewer, larger responses instead of falling further behind."""
@@ -259,7 +305,7 @@ def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
     # Each Generate stream holds a worker thread for its whole life: room for every running and queued
     # request, plus some for heartbeats, status and weight transfers (threads start only when needed).
     workers = max(config.num_slots or 0, config.max_slots) + config.max_queue + 32
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CONTROL_SERVER_OPTIONS,
                          interceptors=[coordinator.guard()])
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)

@@ -65,16 +65,25 @@ class SamplingParams:
             raise ConfigError(f"seed={self.seed!r} must be an integer in 0..{_MAX_SEED} or None")
 
     def _validate_stops(self) -> None:
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or len(self.stop) > MAX_STOPS:
+            raise ConfigError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids and {MAX_STOPS} stop strings "
+                              f"(got {len(self.stop_token_ids)} and {len(self.stop)})")
         for tid in self.stop_token_ids:
             if not _is_int(tid) or tid < 0:
                 raise ConfigError(f"stop_token_ids contains {tid!r}; token ids are integers >= 0")
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ConfigError(f"stop contains {s!r}; stop strings must be non-empty str")
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                raise ConfigError(f"stop contains {s[:40]!r}...; stop strings must be non-empty str of at most "
+                                  f"{MAX_STOP_CHARS} characters" if isinstance(s, str) and s else
+                                  f"stop contains {s!r}; stop strings must be non-empty str")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# Bounds on what one request may ask for (each stop string is matched against the text after every token).
+MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 64
 
 
 def _is_int(x: object) -> bool:

@@ -29,7 +29,7 @@ from engine.errors import TensorfleetError
 from engine.logs import log_line
 from node.executor import ExecutorSpec, executor_main, standby_main
 from node.security import Guard, add_port, open_channel, require, with_bearer
-from node.stream import CHANNEL_OPTIONS, SERVER_OPTIONS
+from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -97,7 +97,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         token = require("the cluster's join token", lambda: (self.config.join_token,))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CONTROL_SERVER_OPTIONS,
                                   interceptors=[Guard({"tensorfleet.v1.Node": token})])
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

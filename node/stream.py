@@ -23,6 +23,10 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 # gRPC servers reuse ports by default (SO_REUSEPORT): a second server on a busy port would start and
 # share its connections with the first. Ours must fail instead.
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+# Control-plane servers (coordinator, node daemon) receive small messages only; big ones go out (weights).
+CONTROL_MAX_RECEIVE_BYTES = 4 << 20
+CONTROL_SERVER_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                          ("grpc.max_receive_message_length", CONTROL_MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)]
 
 _CLOSE = object()
 

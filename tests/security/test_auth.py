@@ -18,30 +18,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.api import TensorfleetClient
-from coordinator.local_cluster import LocalCluster, NodeSpec, free_port
+from coordinator.local_cluster import LocalCluster, free_port
 from node.security import bearer, data_key
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):  # noqa: ANN201
-    from tests.engine.reference import make_random_model
-
-    work = tmp_path_factory.mktemp("auth")
-    model = make_random_model("llama-gqa-tied", work / "m")
-    nodes = [NodeSpec(devices="cpu", model_dir=str(model)) for _ in range(2)]
-    with LocalCluster(work / "run", model=str(model), nodes=nodes,
-                      coordinator_args=["--stages", "2", "--slots", "2", "--max-seq-len", "64"]) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def status(cluster: LocalCluster) -> coordinator_pb2.StatusResponse:
-    with TensorfleetClient(cluster.address, timeout=10) as client:
-        return client.status()
 
 
 def _call(stub_method, request, secret: str | None, *, streaming_response: bool = False,  # noqa: ANN001
