@@ -91,6 +91,12 @@ class Fabric:
     def host_link(self, i: int) -> str:
         return f"{self.prefix}h{self._check(i)}"
 
+    def node_specs(self, **spec) -> list:  # noqa: ANN003 - NodeSpec fields
+        """A coordinator.local_cluster.NodeSpec per namespace (its netns and address), ``spec`` for the rest."""
+        from coordinator.local_cluster import NodeSpec
+
+        return [NodeSpec(netns=self.netns(i), host=self.address(i), **spec) for i in range(self.count)]
+
     def exec_prefix(self, i: int) -> list[str]:
         return ["ip", "netns", "exec", self.netns(i)]
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from client.api import TensorfleetClient
-from coordinator.local_cluster import LocalCluster, NodeSpec
+from coordinator.local_cluster import LocalCluster
 from tests.faults.netns import Fabric, netns_unavailable
 
 reason = netns_unavailable()
@@ -22,8 +22,7 @@ RATE_MBIT = 20
 def test_auto_measures_a_slow_link_and_compresses_prefills(tmp_path, embedded_model_dir) -> None:  # noqa: ANN001
     pid = os.getpid()
     with Fabric(2, prefix=f"tfc{pid % 1000}", subnet=f"10.76.{pid % 250}") as fabric:
-        nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir), netns=fabric.netns(i),
-                          host=fabric.address(i)) for i in range(2)]
+        nodes = fabric.node_specs(devices="cpu", model_dir=str(embedded_model_dir))
         cluster = LocalCluster(tmp_path, model=str(embedded_model_dir), nodes=nodes, host=fabric.host_address,
                                coordinator_args=["--stages", "2", "--slots", "2", "--max-seq-len", "512",
                                                  "--codec", "auto", "--codec-min-tokens", "16"])

@@ -16,7 +16,7 @@ import pytest
 
 from client.api import TensorfleetClient
 from client.workload import StreamingWorkload
-from coordinator.local_cluster import LocalCluster, NodeSpec
+from coordinator.local_cluster import LocalCluster
 from tests.faults.netns import Fabric, netns_unavailable
 
 reason = netns_unavailable()
@@ -40,8 +40,7 @@ def names(cluster: LocalCluster) -> dict[str, str]:
 def test_a_partitioned_node_is_replaced_and_cannot_corrupt_anything(tmp_path, embedded_model_dir) -> None:  # noqa: ANN001
     pid = os.getpid()
     with Fabric(3, prefix=f"tfp{pid % 1000}", subnet=f"10.78.{pid % 250}") as fabric:
-        nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir), netns=fabric.netns(i),
-                          host=fabric.address(i)) for i in range(3)]
+        nodes = fabric.node_specs(devices="cpu", model_dir=str(embedded_model_dir))
         cluster = LocalCluster(tmp_path, model=str(embedded_model_dir), nodes=nodes, host=fabric.host_address,
                                coordinator_args=["--stages", "2", "--slots", str(COUNT), "--max-seq-len", "256",
                                                  "--heartbeat-ms", "200", "--heartbeat-timeout-ms", "1000"])
