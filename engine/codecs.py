@@ -211,7 +211,7 @@ def _check_block(block: int) -> None:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Codes in [-7, 7] (int8, any shape) to uint8, two per byte, first one in the low nibble."""
+    """Codes in [-8, 7] (int8, any shape) to uint8, two per byte, first one in the low nibble."""
     u = (q.flatten() + 8).to(torch.uint8)
     if u.numel() % 2:
         u = F.pad(u, (0, 1), value=8)
@@ -260,9 +260,15 @@ class _BlockCodec(Codec):
             parts["outlier_val"] = rows.gather(1, idx).to(x.dtype).contiguous()
             rows = rows.scatter(1, idx, 0.0)
         y = hadamard_rotate(rows) if self.rotate else rows
-        q, scale = quantize_blocks(y, self.block, self.qmax, self.scale_dtype)
+        q, scale = self._quantize(y)
         parts |= {"q": pack_int4(q) if self.nibbles else q, "scale": scale}
         return Encoded(self.spec, tuple(x.shape), x.dtype, parts)
+
+    def _quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_blocks(y, self.block, self.qmax, self.scale_dtype)
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize_blocks(q, scale, self.block)
 
     def can_encode(self, m: int) -> bool:
         """Whether rows of m values can be encoded (outlier positions must fit the row and int16)."""
@@ -281,7 +287,7 @@ class _BlockCodec(Codec):
         n, m = _dims(e)
         _check_parts(e, self.payload_parts(n, m, e.dtype))
         q = unpack_int4(e.parts["q"], n * m).view(n, m) if self.nibbles else e.parts["q"]
-        y = dequantize_blocks(q, e.parts["scale"], self.block)
+        y = self._dequantize(q, e.parts["scale"])
         rows = hadamard_unrotate(y) if self.rotate else y
         if self.outliers:
             pos = e.parts["outlier_pos"].long()
@@ -298,11 +304,69 @@ class Int8BlockCodec(_BlockCodec):
         super().__init__(block, rotate, outliers, torch.float16 if outliers else torch.float32)
 
 
-class Int4HadamardCodec(_BlockCodec):
-    name, qmax, nibbles = "int4", 7, True
+# 16 levels (as multiples of the block's absmax) fitted by Lloyd-Max to Gaussian values divided by the
+# absmax of their block of 64, the distribution rotated rows take: for ``int4:levels=gauss``. Symmetric,
+# no zero level; fixed decimal constants, so every device decodes the same fp32 values.
+GAUSS_LEVELS = (0.0478, 0.1444, 0.2440, 0.3491, 0.4634, 0.5928, 0.7485, 0.9514)
+INT4_LEVELS = ("uniform", "gauss")
 
-    def __init__(self, block: int = 32, rotate: bool = True, outliers: int = 0) -> None:
+
+@functools.lru_cache(maxsize=16)
+def _gauss_levels(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 levels, ascending (code k = index k), and the 15 decision thresholds between them."""
+    half = torch.tensor(GAUSS_LEVELS, dtype=torch.float32)
+    levels = torch.cat((-half.flip(0), half))
+    return levels.to(device), ((levels[1:] + levels[:-1]) / 2).to(device)
+
+
+def gauss_level_error() -> float:
+    """The largest |t - level(t)| over t in [-1, 1]: half the widest gap, or 1 - the largest level."""
+    lv = sorted([-v for v in GAUSS_LEVELS] + list(GAUSS_LEVELS))
+    return max(1.0 - lv[-1], *((b - a) / 2 for a, b in zip(lv, lv[1:], strict=False)))
+
+
+class Int4HadamardCodec(_BlockCodec):
+    """``levels=gauss``: instead of the uniform codes -7..7 times ``absmax/7``, 16 non-uniform levels
+    (``GAUSS_LEVELS``, mirrored) times ``s = absmax`` (fp16 scale); the code k in 0..15 is the nearest
+    level's index, packed as the uniform codes are. Same bytes. Per element of the rotated row
+    ``|y - ŷ| <= gauss_level_error() * s`` (0.1015 s, against s_uniform/2 = absmax/14 = 0.0714 absmax
+    for uniform codes): a looser worst case, but a smaller mean-square error on Gaussian-like blocks
+    (measured on Gaussian rows: 8.7% against 10.7% relative at block 64, 8.2% against 9.7% at 32)."""
+
+    name, qmax, nibbles = "int4", 7, True
+    PARAMS = {"block": int, "rotate": bool, "outliers": int, "levels": str}
+    QUIET = {"outliers": 0, "levels": "uniform"}
+
+    def __init__(self, block: int = 32, rotate: bool = True, outliers: int = 0, levels: str = "uniform") -> None:
+        if levels not in INT4_LEVELS:
+            raise ConfigError(f"levels={levels!r} must be one of {', '.join(INT4_LEVELS)}")
+        self.levels = levels
         super().__init__(block, rotate, outliers, torch.float16)
+
+    def _quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.levels == "uniform":
+            return super()._quantize(y)
+        n, m = y.shape
+        nb = -(-m // self.block)
+        yp = F.pad(y, (0, nb * self.block - m)).view(n, nb, self.block)
+        limit = torch.finfo(self.scale_dtype).max
+        scale = yp.abs().amax(-1).clamp(max=limit).to(self.scale_dtype)
+        s = scale.float()
+        s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+        _, thresholds = _gauss_levels(y.device)
+        k = torch.bucketize((yp / s).contiguous(), thresholds)  # 0..15: index of the nearest level
+        q = (k - 8).to(torch.int8)  # -8..7, stored as k by pack_int4
+        return q.view(n, nb * self.block)[:, :m].contiguous(), scale.contiguous()
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.levels == "uniform":
+            return super()._dequantize(q, scale)
+        levels, _ = _gauss_levels(q.device)
+        n, m = q.shape
+        nb = scale.shape[1]
+        values = levels[(q.long() + 8).clamp(0, 15)]
+        vp = F.pad(values, (0, nb * self.block - m)).view(n, nb, self.block)
+        return (vp * scale.float().unsqueeze(-1)).view(n, nb * self.block)[:, :m]
 
 
 # ---- low rank (PowerSGD); the helpers also serve engine.collectives ----
