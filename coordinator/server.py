@@ -27,7 +27,7 @@ from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
 from engine.sampling import resolve_seed
-from node.security import Guard, add_port, allow_all, load_or_create, presented, require, state_dir
+from node.security import Guard, add_port, allow_all, load_or_create, presented, require, state_dir, status_details
 from node.stream import CONTROL_SERVER_OPTIONS
 from node.wire import sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -160,9 +160,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             member = self.placer.leave(request.node)
         except KeyError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+            context.abort(grpc.StatusCode.NOT_FOUND, status_details(str(e.args[0])))
         except PlacementError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot drain {request.node}: {e}")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(f"cannot drain {request.node}: {e}"))
         return coordinator_pb2.LeaveResponse(node_id=member.node_id,
                                              epoch=common_pb2.PlacementEpoch(value=self.placer.epoch))
 
@@ -173,9 +173,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             yield from self.weights.chunks(list(request.names))
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_details(str(e)))
         except TensorfleetError as e:  # a model file changed or shrank under the coordinator
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(str(e)))
 
     # -------------------------------------------------------------------------------------- status
     def Status(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -205,7 +205,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             req = self._new_request(request)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_details(str(e)))
         client = client_identity(context)
         if not self.streams.acquire(client):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this client already holds {self.streams.limit} "
@@ -214,12 +214,12 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             self.scheduler.submit(req)
         except OverflowError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_details(str(e)))
         context.add_callback(lambda: self.scheduler.cancel(req))
         while True:
             ev = _coalesce(req.events)
             if ev.error:
-                context.abort(grpc.StatusCode.UNAVAILABLE, ev.error)
+                context.abort(grpc.StatusCode.UNAVAILABLE, status_details(ev.error))
             resp = coordinator_pb2.GenerateResponse(request_id=req.request_id, token_ids=ev.token_ids,
                                                     text_delta=ev.text)
             if ev.finish_reason:

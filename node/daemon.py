@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.errors import TensorfleetError
 from engine.logs import log_line
 from node.executor import ExecutorSpec, executor_main, standby_main
-from node.security import Guard, add_port, open_channel, require, with_bearer
+from node.security import Guard, add_port, open_channel, require, status_details, with_bearer
 from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
@@ -220,9 +220,9 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             try:
                 return self._load_stage(request)
             except TensorfleetError as e:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(str(e)))
             except (ValueError, KeyError) as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_details(str(e)))
 
     def _check_request(self, req: node_pb2.LoadStageRequest) -> None:
         """Refuse a malformed request (ValueError: INVALID_ARGUMENT) before the running stage is touched."""

@@ -233,6 +233,15 @@ class StageServicer(node_pb2_grpc.StageServicer):
         lengths = [len(s.token_ids) for s in seqs]
         if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
             raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
+        # Checked here, not left to torch: an id outside the vocabulary failed the embedding with an
+        # IndexError, and a prefill past the KV cache's length a RuntimeError (both escaped as UNKNOWN and
+        # ended the stream), while a decode past it went through unchecked.
+        vocab, capacity = self.runner.cfg.vocab_size, self.runner.cache.spec.max_seq_len
+        if any(not 0 <= t < vocab for s in seqs for t in s.token_ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if max(s.start + n for s, n in zip(seqs, lengths, strict=True)) > capacity:
+            raise ValueError(f"a sequence goes past the KV cache's {capacity} positions: starts {starts}, "
+                             f"lengths {lengths}")
         if self.runner.stage.is_first:
             x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:

@@ -155,6 +155,19 @@ def allow_all(secret: str | None) -> None:
     return None
 
 
+MAX_DETAILS_CHARS = 500
+
+
+def status_details(text: str) -> str:
+    """``text`` cut short enough for a status message. Error messages quote the request (a node name, a
+    model name, a codec spec), and a client drops a status whose trailers pass gRPC's metadata limit
+    (8 KiB; a message travels percent-encoded, up to 12 bytes a character): it would see
+    RESOURCE_EXHAUSTED "received metadata size exceeds ..." instead of the status sent."""
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARS]}... ({len(text)} characters)"
+
+
 class Guard(grpc.ServerInterceptor):
     """Applies ``checks[service]`` (service: the full name, e.g. "tensorfleet.v1.Coordinator"; or
     ``checks[method]`` for one method, "/tensorfleet.v1.Coordinator/Status") to every call before its
