@@ -134,9 +134,10 @@ def test_a_drained_node_moves_its_layers_without_disturbing_requests(cluster: Lo
                                                                      reference: list[list[int]]) -> None:
     victim = stage_node(cluster, -1)
     done: list[subprocess.CompletedProcess] = []
+    token = ["--token-file", str(cluster.home / "join-token")]  # an operator's command: it presents the join token
 
     def drain() -> None:
-        done.append(subprocess.run([sys.executable, "-m", "node.cli", "leave", cluster.address, victim],
+        done.append(subprocess.run([sys.executable, "-m", "node.cli", "leave", cluster.address, victim, *token],
                                    cwd=REPO, capture_output=True, text=True, timeout=120))
 
     w = with_fault(cluster, "drain", drain)
@@ -146,7 +147,7 @@ def test_a_drained_node_moves_its_layers_without_disturbing_requests(cluster: Lo
     assert status(cluster).placement_changes[-1].kind == "drain"
     cluster.expected_exits.add(victim)
     assert cluster.procs[victim].wait(timeout=30) == 0, "a drained node's daemon stops by itself"
-    unknown = subprocess.run([sys.executable, "-m", "node.cli", "leave", cluster.address, "no-such-node"],
+    unknown = subprocess.run([sys.executable, "-m", "node.cli", "leave", cluster.address, "no-such-node", *token],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
 
