@@ -100,12 +100,12 @@ def join_token(args: argparse.Namespace) -> str:
     """The join token from --token-file, the environment or the local state directory (ConfigError if none)."""
     from pathlib import Path
 
+    from client.credentials import ENV_JOIN_TOKEN, JOIN_TOKEN_FILE, find_secret, read_secrets, state_dir
     from engine.errors import ConfigError
-    from node.security import JOIN_TOKEN_FILE, find_secret, read_secrets, state_dir
 
     if args.token_file:
         return read_secrets(Path(args.token_file))[0]
-    token = find_secret(None, "TENSORFLEET_JOIN_TOKEN", state_dir(), JOIN_TOKEN_FILE)
+    token = find_secret(None, ENV_JOIN_TOKEN, state_dir(), JOIN_TOKEN_FILE)
     if not token:
         raise ConfigError("no join token: copy the coordinator's join-token file here and pass --token-file, "
                           "or set TENSORFLEET_JOIN_TOKEN")

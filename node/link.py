@@ -7,7 +7,7 @@
   tokens is encoded with SPEC, whatever the link (forced).
 - ``auto`` or ``auto:SPEC``: per link, by measured bandwidth and message size. The stage measures its
   link when it (re)connects (``measure_link``: Stage.Probe payloads of two sizes, the fastest of a few
-  tries each) and the codec's cost on its own device (``measure_cost``: encode plus decode of a small
+  tries each) and the codec's cost on its own device (``measure_cost``: the whole wire path of a small
   and a large message). A message of n tokens is encoded when n >= ``--codec-min-tokens`` and the
   transfer time the codec saves, ``n * (row_bytes - coded_row_bytes) / bandwidth``, exceeds the time
   it costs, ``fixed + n * per_row``. Both sides are linear in n, so this is one threshold per link:
@@ -21,7 +21,6 @@ device) against the exact path; the receiver's device is taken to be like the se
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -30,8 +29,6 @@ import torch
 from engine.codecs import Codec, make_codec
 from engine.errors import ConfigError
 from tensorfleet.v1 import node_pb2, node_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 AUTO_CODEC = "int8:rotate=true,outliers=3"
 PROBE_SMALL_BYTES = 1 << 10
@@ -56,10 +53,10 @@ def parse_link_codec(text: str) -> LinkMode:
     """"exact" | SPEC | "auto" | "auto:SPEC"; raises ConfigError naming what is wrong."""
     text = (text or "exact").strip()
     if text == "auto" or text.startswith("auto:"):
-        spec = text[len("auto:"):] if text.startswith("auto:") else AUTO_CODEC
-        if make_codec(spec).spec == "exact":
+        spec = make_codec(text[len("auto:"):] if text.startswith("auto:") else AUTO_CODEC).spec
+        if spec == "exact":
             raise ConfigError(f"--codec {text}: auto needs a compressing codec, not exact")
-        return LinkMode("auto", make_codec(spec).spec)
+        return LinkMode("auto", spec)
     spec = make_codec(text).spec
     return LinkMode("exact") if spec == "exact" else LinkMode("force", spec)
 
