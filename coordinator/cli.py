@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default: %(default)s; use 0.0.0.0 to accept nodes and clients "
                             "from other machines)")
     start.add_argument("--port", type=_port, default=DEFAULT_COORDINATOR_PORT, help="gRPC port (default: %(default)s)")
+    start.add_argument("--http-port", type=_port, default=defaults.HTTP_PORT,
+                       help="HTTP port of the OpenAI-compatible API (/v1/models, /v1/completions, "
+                            "/v1/chat/completions), Prometheus /metrics and /health probes, on --host "
+                            "(default: %(default)s)")
+    start.add_argument("--no-http", action="store_true", help="serve no HTTP API (gRPC only)")
     start.add_argument("--min-nodes", type=_positive_int, default=1, metavar="N",
                        help="wait for N nodes before placing the model (default: %(default)s)")
     start.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                    capacity_wait_s=args.capacity_wait, codec=args.codec,
                                    codec_min_tokens=args.codec_min_tokens, tp_codec=args.tp_codec,
                                    tp_codec_min_elements=args.tp_codec_min_elements, state_dir=args.state_dir,
-                                   client_auth=not args.no_auth, tls_dir=args.tls)
+                                   client_auth=not args.no_auth, tls_dir=args.tls,
+                                   http_port=None if args.no_http else args.http_port)
         server, coordinator = serve(config)
         _announce_secrets(coordinator)
     except TensorfleetError as e:

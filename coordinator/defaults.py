@@ -16,3 +16,4 @@ CAPACITY_WAIT_S = 60.0  # without a placement (too few nodes left), requests wai
 # Compressed exchange between stages: messages of fewer tokens (decode steps) go uncompressed, since
 # they are small and latency-bound; prefill messages are where bandwidth matters.
 CODEC_MIN_TOKENS = 64
+HTTP_PORT = 8000  # the OpenAI-compatible API, /metrics and /health (coordinator start --http-port)

@@ -51,6 +51,10 @@ class LocalCluster:
         self.host = host
         self.port = port or free_port(host)
         self.address = f"{host}:{self.port}"
+        # The coordinator's HTTP API (OpenAI endpoints, /metrics, /health), unless the caller turned it off.
+        self.http_port = None if "--no-http" in self.coordinator_args else free_port(host)
+        scheme = "https" if tls_dir else "http"
+        self.http_url = f"{scheme}://{host}:{self.http_port}" if self.http_port else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.expected_exits: set[str] = set()  # processes a test killed or drained on purpose
         # The cluster's secrets, made here so that nodes started at once find the join token; every
@@ -101,6 +105,8 @@ class LocalCluster:
         model once ``min_nodes`` (default: all the cluster's nodes) have joined."""
         args = ["-m", "coordinator.cli", "start", "--host", self.host, "--port", str(self.port),
                 "--min-nodes", str(min_nodes or len(self.node_specs)), *self.coordinator_args]
+        if self.http_port:
+            args += ["--http-port", str(self.http_port)]
         if self.tls_dir:
             args += ["--tls", self.tls_dir]
         if self.model:
@@ -148,6 +154,21 @@ class LocalCluster:
                     raise RuntimeError(f"a stage failed to load: {failed[-1]}")
                 time.sleep(0.5)
         raise TimeoutError(f"no placement within {timeout_s:.0f}s:\n{self.log('coordinator')[-3000:]}")
+
+    def metrics(self) -> dict[str, float]:
+        """The coordinator's /metrics, parsed: every sample as "name{label=value,...}" (labels sorted) -> value."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+        return samples
 
     def stage_key(self, status) -> str:  # noqa: ANN001 - a StatusResponse
         """The data key of the placement ``status`` shows, as the coordinator computes it (tests that

@@ -5,5 +5,5 @@ from __future__ import annotations
 from engine.logs import log_line
 
 
-def log(msg: str) -> None:
-    log_line("coordinator", msg)
+def log(msg: str, *, level: str = "INFO", **fields: object) -> None:
+    log_line("coordinator", msg, level=level, **fields)

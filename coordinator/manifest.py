@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine.errors import ModelLoadError
+from engine.progress import Progress
+from engine.progress import progress as progress_bar
 from tensorfleet.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def _spans(model_dir: Path) -> tuple[dict[str, Any], dict[str, _Span]]:
     return infos, spans
 
 
-def _hash_range(f: BinaryIO, start: int, stop: int, bar: Any) -> str:
+def _hash_range(f: BinaryIO, start: int, stop: int, bar: Progress) -> str:
     """sha256 of bytes [start, stop) of an open file, read in blocks (tests count calls to this)."""
     digest = hashlib.sha256()
     f.seek(start)
@@ -137,8 +139,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _hash_tensors(spans: dict[str, _Span], cache_dir: Path, progress: bool) -> dict[str, str]:
     """sha256 of every tensor's raw bytes, reusing the sidecars where their file is unchanged."""
-    from tqdm import tqdm
-
     by_file: dict[Path, list[str]] = {}
     for name, span in spans.items():
         by_file.setdefault(span.file, []).append(name)
@@ -158,8 +158,7 @@ def _hash_tensors(spans: dict[str, _Span], cache_dir: Path, progress: bool) -> d
         if missing:
             todo.append((file, sidecar, missing))
     total = sum(spans[n].stop - spans[n].start for _, _, names in todo for n in names)
-    with tqdm(total=total, desc="hashing weights", unit="B", unit_scale=True,
-              disable=None if progress else True, leave=False) as bar:
+    with progress_bar("hashing weights", total, tag="coordinator", enabled=progress) as bar:
         for file, sidecar, missing in todo:
             with file.open("rb") as f:
                 for name in sorted(missing, key=lambda n: spans[n].start):  # one sequential pass

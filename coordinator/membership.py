@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,11 @@ class Member:
     last_seen: float = 0.0
     state: int = 0  # coordinator_pb2.NodeState
     leaving: bool = False  # a drain is moving its layers away: not planned on
+    # The node's latest report, from its last heartbeat (replaced whole, never edited: readers may keep
+    # the lists): live device state and the link counters of its stage leader (for metrics and status).
+    live_devices: list = field(default_factory=list)  # common_pb2.DeviceInfo with the live fields
+    links: list = field(default_factory=list)  # coordinator_pb2.LinkTraffic
+    reported_at: float = 0.0  # the membership clock's time of that heartbeat (0: none yet)
 
 
 @dataclass
@@ -63,12 +68,14 @@ class Membership:
             self.members[member.node_id] = member
         return member
 
-    def heartbeat(self, node_id: str) -> str:
-        """Record a heartbeat: "ok", "left" (it drained: stop) or "unknown" (join again)."""
+    def heartbeat(self, node_id: str, *, devices: Iterable[Any] = (), links: Iterable[Any] = ()) -> str:
+        """Record a heartbeat and the report it carries (``devices``: DeviceInfo, ``links``: LinkTraffic):
+        "ok", "left" (it drained: stop) or "unknown" (join again)."""
         with self.lock:
             member = self.members.get(node_id)
             if member is not None:
-                member.last_seen = self.clock()
+                member.last_seen = member.reported_at = self.clock()
+                member.live_devices, member.links = list(devices), list(links)
                 return "ok"
             return "left" if node_id in self.left else "unknown"
 

@@ -43,6 +43,7 @@ PROBE_TIMEOUT_S = 1.0  # a node's health must answer within this after a failed 
 DRAIN_WAIT_S = 30.0  # a drain waits this long for the steps in flight to return
 LOAD_TIMEOUT_S = 900.0
 MAX_ATTEMPTS = 4  # re-plans in one change when nodes fail while it loads
+SET_ASIDE_S = 60.0  # a node whose LoadStage failed with an error is not planned on for this long
 REBALANCE_GAIN = 1.25  # a node that joins triggers a re-placement when the estimated step gets this much faster
 
 
@@ -66,6 +67,7 @@ class Placer:
         self.unavailable_reason = f"waiting for {config.min_nodes} node(s) to join"
         self.pending: Change | None = None  # a change that could not finish yet (no capacity)
         self.placing = threading.Lock()  # one placement change at a time
+        self.set_aside_until: dict[str, float] = {}  # node id -> monotonic time it may be planned on again
         self.stopped = threading.Event()
 
     # ----------------------------------------------------------------------------------- members
@@ -76,6 +78,26 @@ class Placer:
         log(f"{member.node_id} joined from {info.address} with {len(info.devices)} device(s)")
         threading.Thread(target=self.place_if_needed, name="place", daemon=True).start()
         return member
+
+    def candidates(self) -> list[Member]:
+        """Members a placement may use: joined, not leaving, not set aside after a failed load."""
+        now = time.monotonic()
+        with self.lock:
+            return [m for m in self.membership.planned() if self.set_aside_until.get(m.node_id, 0.0) <= now]
+
+    def set_aside(self, node_id: str, reason: str) -> None:
+        with self.lock:
+            self.set_aside_until[node_id] = time.monotonic() + SET_ASIDE_S
+        log(f"{reason}; planning without {node_id} for {SET_ASIDE_S:g} s")
+
+    def _set_aside_expired(self) -> bool:
+        """Whether a node's time aside has just ended (then a placement may be possible, or better)."""
+        now = time.monotonic()
+        with self.lock:
+            ended = [n for n, until in self.set_aside_until.items() if until <= now]
+            for n in ended:
+                del self.set_aside_until[n]
+        return bool(ended)
 
     def in_placement(self, node_id: str) -> bool:
         with self.lock:
@@ -98,6 +120,8 @@ class Placer:
             with self.lock:
                 reason = self.unavailable_reason
             self.scheduler.expire_waiting(self.config.capacity_wait_s, reason)
+            if self._set_aside_expired():
+                threading.Thread(target=self.place_if_needed, name="place", daemon=True).start()
 
     # ---------------------------------------------------------------------------------- failures
     def fail(self, node_ids: list[str], reason: str) -> None:
@@ -144,7 +168,7 @@ class Placer:
             with self.lock:
                 placed = bool(self.stages)
             if not placed:
-                if len(self.membership.planned()) < self.config.min_nodes and self.plan is None:
+                if len(self.candidates()) < self.config.min_nodes and self.plan is None:
                     return
                 change = self.pending or Change(kind="initial", nodes=[], reason="nodes joined")
                 self._place_with_retries(change)
@@ -156,7 +180,7 @@ class Placer:
     def _rebalance_pays(self) -> Change | None:
         from coordinator.placement import PlacementError
 
-        members = self.membership.planned()
+        members = self.candidates()
         try:
             best = self._plan(*self._devices_and_profile(members), prefer=None)
         except PlacementError:
@@ -192,13 +216,21 @@ class Placer:
         from coordinator.placement import PlacementError
 
         for _ in range(MAX_ATTEMPTS):
-            members = self.membership.planned()
+            members = self.candidates()
             try:
                 self._place(members, change)
                 self.pending = None
                 return True
             except PlacementError as e:
                 reason = f"the nodes left cannot hold the model: {e}"
+                with self.lock:
+                    aside = sorted(self.set_aside_until)
+                if aside:
+                    reason += f" (set aside after failed loads: {', '.join(aside)})"
+            except _LoadRefused as e:  # it answered with an error: keep it, but plan without it for a while
+                reason = str(e)
+                self.set_aside(e.node_id, reason)
+                continue
             except _LoadFailed as e:
                 reason = str(e)
                 self.membership.remove([e.node_id])  # it failed while loading: plan without it
@@ -303,7 +335,9 @@ class Placer:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise _LoadFailed(member.node_id, f"{member.node_id} failed while loading stage {index}: "
                                                       f"{e.code().name}") from e
-                raise
+                member.state = coordinator_pb2.NODE_STATE_IDLE
+                raise _LoadRefused(member.node_id, f"{member.node_id} could not load stage {index}: "
+                                                   f"{e.code().name}: {e.details()}") from e
             member.state = coordinator_pb2.NODE_STATE_SERVING
             next_address = resp.stage_address
             infos.append(coordinator_pb2.StageInfo(
@@ -324,7 +358,7 @@ class Placer:
         from coordinator.placement import PlacementError
 
         member = self.membership.find(key)
-        others = [m for m in self.membership.planned() if m.node_id != member.node_id]
+        others = [m for m in self.candidates() if m.node_id != member.node_id]
         if self.in_placement(member.node_id):
             self._check_fits(others)  # before pausing anything: a refused drain leaves service alone
         else:
@@ -344,6 +378,13 @@ class Placer:
 
 
 class _LoadFailed(TensorfleetError):
+    """A node stopped answering while it loaded its stage: it is treated as failed."""
+
     def __init__(self, node_id: str, message: str) -> None:
         super().__init__(message)
         self.node_id = node_id
+
+
+class _LoadRefused(_LoadFailed):
+    """A node answered LoadStage with an error (out of memory, a bad cache, ...): it stays a member, set
+    aside from placement for ``SET_ASIDE_S``."""

@@ -46,6 +46,10 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
 
+    def then(self, nxt: Event) -> Event:
+        """This event merged with the next one of the same request (a reader that fell behind)."""
+        return Event(self.token_ids + nxt.token_ids, self.text + nxt.text, nxt.finish_reason, nxt.error)
+
 
 @dataclass(frozen=True)
 class Load:
@@ -72,6 +76,8 @@ class Request:
     in_flight: bool = False
     held_error: str | None = None  # its step failed; it waits for the coordinator's verdict
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # monotonic: when it first got a slot
+    first_token_at: float | None = None  # monotonic; kept across a replay, as the client saw it then
 
     @property
     def tokens(self) -> list[int]:
@@ -153,7 +159,7 @@ class Scheduler:
             for req in sorted(self.running, key=lambda r: r.arrival):
                 req.in_flight, req.held_error = False, None
                 if req.cancelled:
-                    req.events.put(Event([], req.detok.finish(), "cancelled"))
+                    self._end(req, Event([], req.detok.finish(), "cancelled"))
                     continue
                 req.slot, req.cached = -1, 0
                 replay.append(req)
@@ -166,7 +172,7 @@ class Scheduler:
         """The failed step was bad, not a node: end its requests with their step's error and go on."""
         with self.cv:
             for req in [r for r in self.running if r.held_error is not None]:
-                req.events.put(Event([], "", "error", error=f"the pipeline failed: {req.held_error}"))
+                self._end(req, Event([], "", "error", error=f"the pipeline failed: {req.held_error}"))
                 self._release(req)
             self.holding = False
             self.cv.notify_all()
@@ -181,8 +187,7 @@ class Scheduler:
             expired = [r for r in self.waiting if now - max(r.arrival, self.unavailable_since) > deadline_s]
             for req in expired:
                 self.waiting.remove(req)
-                req.events.put(Event([], "", "error", error=f"no capacity to serve it for {deadline_s:g} s: "
-                                                           f"{reason}"))
+                self._end(req, Event([], "", "error", error=f"no capacity to serve it for {deadline_s:g} s: {reason}"))
             return len(expired)
 
     def submit(self, req: Request) -> None:
@@ -198,7 +203,7 @@ class Scheduler:
             req.cancelled = True
             if req in self.waiting:
                 self.waiting.remove(req)
-                req.events.put(Event([], "", "cancelled"))  # its handler is waiting on the queue
+                self._end(req, Event([], "", "cancelled"))  # its handler is waiting on the queue
             self.cv.notify_all()
 
     def counts(self) -> tuple[int, int]:
@@ -245,6 +250,10 @@ class Scheduler:
             req = self.waiting.popleft()
             req.slot, req.cached = self.free_slots.pop(), 0
             self.running.append(req)
+            if req.admitted_at is None:  # a replay after a failover is not a new admission
+                req.admitted_at = time.monotonic()
+                log("request admitted", request_id=req.request_id, prompt_tokens=len(req.prompt),
+                    queued_s=round(req.admitted_at - req.arrival, 4))
         idle = [r for r in self.running if not r.in_flight and r.held_error is None]
         if not idle:
             return None
@@ -291,7 +300,7 @@ class Scheduler:
                 log(f"step {step_id} failed: {error}")
                 if self.on_step_error is None:
                     for req, _ in step:
-                        req.events.put(Event([], "", "error", error=f"the pipeline failed: {error}"))
+                        self._end(req, Event([], "", "error", error=f"the pipeline failed: {error}"))
                         self._release(req)
                 else:  # hold everything until the coordinator knows whether a node is gone
                     for req, _ in step:
@@ -313,18 +322,30 @@ class Scheduler:
             log(f"tokens flow again {time.monotonic() - self.resumed_at:.2f} s after the pipeline resumed")
             self.resumed_at = None
         req.output.append(token)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
         text, stopped = req.detok.push(token)
         reason = "cancelled" if req.cancelled else finish_reason(token, len(req.output), req.params, self.eos_ids,
                                                                  stop_string_seen=stopped)
         if reason is None:
             req.events.put(Event([token], text))
             return
-        req.events.put(Event([token], text + req.detok.finish(), reason))
+        self._end(req, Event([token], text + req.detok.finish(), reason))
         self._release(req)
 
     def _finish(self, req: Request, reason: str) -> None:
-        req.events.put(Event([], req.detok.finish(), reason))
+        self._end(req, Event([], req.detok.finish(), reason))
         self._release(req)
+
+    def _end(self, req: Request, last: Event) -> None:
+        """Every request ends here (its slot, if any, is the caller's to free): the last event, and one
+        log line that sums it up (written first: whoever reads the event may look for the line)."""
+        ttft = None if req.first_token_at is None else round(req.first_token_at - req.arrival, 4)
+        extra = {} if last.error is None else {"error": last.error}
+        log("request finished", request_id=req.request_id, finish_reason=last.finish_reason,
+            prompt_tokens=len(req.prompt), completion_tokens=len(req.output), ttft_s=ttft,
+            total_s=round(time.monotonic() - req.arrival, 4), **extra)
+        req.events.put(last)
 
     def _release(self, req: Request) -> None:
         if req in self.running:

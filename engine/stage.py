@@ -67,16 +67,18 @@ class StageModel(nn.Module):
     def load(self, reader: WeightReader, *, progress: bool = False) -> None:
         """Read this stage's tensors (its layer range, this rank's shards) from the checkpoint.
 
-        ``progress`` shows a bar on a terminal (tqdm stays quiet when stderr is not a TTY).
+        ``progress`` shows a bar on a terminal, a few log lines elsewhere (engine/progress.py).
         """
-        from tqdm import tqdm
+        from engine.progress import progress as progress_bar
 
         parts = [p for p in (self.embedding, *self.layers, self.head) if p is not None]
         desc = f"loading layers {self.start}-{self.end - 1}"
         if self.tp.size > 1:
             desc += f" (tp rank {self.tp.rank})"
-        for part in tqdm(parts, desc=desc, unit="part", disable=None if progress else True, leave=False):
-            part.load(reader)
+        with progress_bar(desc, len(parts), unit="parts", tag="engine", enabled=progress) as bar:
+            for part in parts:
+                part.load(reader)
+                bar.update(1)
 
     def optimize_kernels(self) -> None:
         """After ``load``: move weights to the fastest kernel's layout for this device and dtype."""

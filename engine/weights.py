@@ -4,7 +4,8 @@ A pipeline stage holds only its own layers, so it must be able to read single te
 shards of them for tensor parallelism) without touching the rest of the checkpoint: memory grows with
 the stage's layers, not with the model. Every file's header is validated up front, before any tensor
 data is read, so a truncated download or a corrupted file fails at startup with a message that says
-which file and what to do, instead of deep inside a forward pass.
+which file and what to do, instead of deep inside a forward pass. ``write_safetensors`` writes one
+file with a progress callback (for GGUF conversion, engine/model_source.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import itertools
 import json
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ _DTYPES: dict[str, tuple[int, torch.dtype]] = {
     "U8": (1, torch.uint8),
     "BOOL": (1, torch.bool),
 }
+
+_CODES = {dtype: code for code, (_, dtype) in _DTYPES.items()}
+_WRITE_CHUNK = 64 << 20  # bytes per write: the progress callback's granularity
 
 _REDOWNLOAD = "(re-download or re-convert the model)"
 
@@ -102,6 +106,32 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     infos = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
     _check_layout(path, infos, data_start=8 + header_len, size=size)
     return infos
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None,
+                      on_bytes: Callable[[int], None] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, calling ``on_bytes(n)`` after each write of n data
+    bytes. safetensors' own save_file writes the whole file in one call, with no progress to show."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _CODES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header so that the data starts 8-byte aligned
+    with Path(path).open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for tensor in tensors.values():
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian hosts
+            for start in range(0, data.size, _WRITE_CHUNK):
+                f.write(data[start:start + _WRITE_CHUNK])
+                if on_bytes is not None:
+                    on_bytes(min(_WRITE_CHUNK, data.size - start))
 
 
 def _invalid(path: Path, what: str) -> ModelLoadError:

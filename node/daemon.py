@@ -1,5 +1,6 @@
 """The node daemon (`node join`): inventory and probe, join and heartbeats, and LoadStage, which starts one
-executor process per device of the stage it is given.
+executor process per device of the stage it is given. Heartbeats also carry the node's report: live device
+stats (node/telemetry.py) and its stage leader's link traffic counters (asked over the control pipe).
 
 Membership is kept alive by the daemon: when the coordinator no longer knows it (it was declared failed,
 or the coordinator restarted) it drops its stage and joins again as a new member, retrying with backoff
@@ -27,14 +28,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.errors import TensorfleetError
 from engine.logs import log_line
+from node.control import ControlPipe
 from node.executor import ExecutorSpec, executor_main, standby_main
-from node.security import Guard, add_port, open_channel, require, status_details, with_bearer
+from node.security import Guard, add_port, add_reflection, open_channel, require, status_details, with_bearer
 from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS
+from node.telemetry import Telemetry
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
 LOAD_TIMEOUT_S = 900.0
 CONFIGURE_TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 0.2  # a heartbeat waits at most this (or half its interval) for the link counters
 REJOIN_BACKOFF_S = (0.2, 5.0)  # first and longest wait between join attempts
 STANDBY_DELAY_S = 10.0  # a used standby executor is replaced this long after its stage loaded
 
@@ -71,12 +75,14 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.config = config
         self.name = config.name or socket.gethostname()
         self.devices = inventory(config.devices)
+        self.telemetry = Telemetry(self.devices)  # live device stats for heartbeats
         self.cache_dir = Path(config.cache_dir or _default_cache()).expanduser()
         self.channel = open_channel(config.coordinator, config.tls_dir, options=CHANNEL_OPTIONS)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(with_bearer(self.channel, config.join_token))
         self.procs: list[mp.Process] = []
         self.procs_lock = threading.Lock()
-        self.control = None  # the daemon's end of the pipe to the leader executor
+        self.control: ControlPipe | None = None  # the daemon's end of the pipe to the leader executor
+        self.links: tuple[ControlPipe | None, list] = (None, [])  # the last link counters, and whose
         self.stage_key: tuple | None = None  # what the running executors hold (see _reuse_key)
         self.stage_response: node_pb2.LoadStageResponse | None = None
         self.node_id = ""
@@ -101,6 +107,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                   interceptors=[Guard({"tensorfleet.v1.Node": token})])
         node_pb2_grpc.add_NodeServicer_to_server(self, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_reflection(self.server, "tensorfleet.v1.Node")
         port = add_port(self.server, f"{self.config.host}:{self.config.port}", self.config.tls_dir,
                         require_client_cert=True)
         if port == 0:
@@ -151,14 +158,13 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self._stop_executors()
         if self.server is not None:
             self.server.stop(grace=1)
+        self.telemetry.close()
 
     def _heartbeats(self, interval: float) -> None:
         failing = False
         while not self.stop_event.wait(interval):
             try:
-                reply = self.coordinator.Heartbeat(coordinator_pb2.HeartbeatRequest(
-                    node_id=self.node_id, epoch=common_pb2.PlacementEpoch(value=self.epoch)),
-                    timeout=max(interval * 4, 1.0))
+                reply = self.coordinator.Heartbeat(self._heartbeat_request(interval), timeout=max(interval * 4, 1.0))
             except grpc.RpcError as e:
                 if not failing:
                     log(f"heartbeats failing: {e.code().name}; retrying every {interval:.2f} s")
@@ -181,6 +187,21 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                     return  # stopped
                 interval = max(reply.heartbeat_interval_ms, 10) / 1000.0
                 log(f"joined again as {self.node_id}")
+
+    def _heartbeat_request(self, interval: float) -> coordinator_pb2.HeartbeatRequest:
+        """Liveness plus the node's report: live device stats (node/telemetry.py) and the leader executor's
+        link counters. Counters the executor is too busy to give in time are the last ones it gave (they only
+        grow, so a repeat is merely stale)."""
+        devices = self.telemetry.report(self.info.devices)
+        control = self.control
+        links = self.links[1] if self.links[0] is control else []
+        if control is not None:
+            answer = control.ask(("stats",), timeout_s=min(STATS_TIMEOUT_S, interval / 2))
+            if answer is not None and answer[0] == "stats":
+                links = [coordinator_pb2.LinkTraffic(**fields) for fields in answer[1]]
+                self.links = (control, links)
+        epoch = common_pb2.PlacementEpoch(value=self.epoch)
+        return coordinator_pb2.HeartbeatRequest(node_id=self.node_id, epoch=epoch, devices=devices, links=links)
 
     def _watch_executors(self) -> None:
         """Health NOT_SERVING once an executor of the current stage has died (crash, OOM kill)."""
@@ -303,7 +324,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             epoch=req.epoch, weight_bytes=sum(i["weight_bytes"] for i in infos.values()),
             kv_cache_bytes=sum(i["kv_cache_bytes"] for i in infos.values()),
             load_seconds=time.perf_counter() - started, stage_address=infos[0]["address"], fetched_bytes=fetched)
-        self.control, self.stage_key, self.stage_response = control, key, response
+        self.control, self.stage_key, self.stage_response = ControlPipe(control), key, response
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if standby is not None:  # later: its imports would slow the replays that follow a failover
             timer = threading.Timer(STANDBY_DELAY_S, self._spawn_standby)
@@ -336,12 +357,12 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             alive = bool(self.procs) and all(p.is_alive() for p in self.procs)
         if not alive or self.control is None:
             raise TensorfleetError("its executors are not running")
-        self.control.send(("configure", req.epoch.value, req.next_stage_address, req.data_key))
-        if not self.control.poll(CONFIGURE_TIMEOUT_S):
+        answer = self.control.ask(("configure", req.epoch.value, req.next_stage_address, req.data_key),
+                                  timeout_s=CONFIGURE_TIMEOUT_S)
+        if answer is None:
             raise TensorfleetError(f"the leader executor did not answer within {CONFIGURE_TIMEOUT_S:.0f} s")
-        op, epoch = self.control.recv()
-        if (op, epoch) != ("configured", req.epoch.value):
-            raise TensorfleetError(f"the leader executor answered {op} {epoch}")
+        if answer != ("configured", req.epoch.value):
+            raise TensorfleetError(f"the leader executor answered {answer}")
         self.epoch = req.epoch.value
         response = node_pb2.LoadStageResponse()
         response.CopyFrom(self.stage_response)

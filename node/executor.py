@@ -23,13 +23,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.codecs import Codec
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.logs import log_line
 from engine.parallel import TPGroup
 from engine.sampling import sample
 from engine.stage import StageModel, parse_dtype
-from node.link import CodecCost, LinkPolicy, measure_cost, measure_link, parse_link_codec
+from node.link import CodecCost, LinkPolicy, TrafficCounters, measure_cost, measure_link, parse_link_codec
 from node.wire import (
     WireError,
     decode_from_proto,
@@ -151,6 +152,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.policy = LinkPolicy(parse_link_codec("exact" if self.is_last else spec.codec),
                                  min_tokens=spec.codec_min_tokens)
         self._cost: CodecCost | None = None  # of the policy's codec on this device, measured once
+        self.traffic = TrafficCounters(stage_start=spec.start, stage_end=spec.end)  # read by the control pipe
         self.downstream = None
         self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
@@ -251,12 +253,11 @@ class StageServicer(node_pb2_grpc.StageServicer):
         out = self.runner.run(slots, starts, lengths, x)
         if not self.is_last:
             down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs)
-            codec = self.policy.choose(out.shape[0])
-            if codec is not None:
-                down.encoded_hidden.CopyFrom(encoded_to_proto(codec.encode(out, key=self.spec.end)))
-            else:
-                down.hidden.CopyFrom(tensor_to_proto(out))
-            return self._downstream().submit(down)
+            codec, raw, wire = pack_hidden(down, out, self.policy.choose(out.shape[0]), key=self.spec.end)
+            stream = self._downstream()
+            # The stream's own address: a re-placement between here and there changes next_address.
+            self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
+            return stream.submit(down)
         tokens = self._sample(seqs, out)
         result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
                              for s, t in zip(seqs, tokens, strict=True))
@@ -320,12 +321,24 @@ class StageServicer(node_pb2_grpc.StageServicer):
         log_line("executor", f"{name} -> {address}: {self.policy.describe()}")
 
 
+def pack_hidden(down: node_pb2.StepMessage, out: torch.Tensor, codec: Codec | None, *, key: object
+                ) -> tuple[str, int, int]:
+    """Put the hidden states ``out`` [tokens, hidden] in ``down``, encoded with ``codec`` (None: exact).
+    Returns what the link's traffic counters take: (codec name, raw bytes, wire bytes)."""
+    raw = out.numel() * out.element_size()
+    if codec is None:
+        down.hidden.CopyFrom(tensor_to_proto(out))
+        return "exact", raw, len(down.hidden.data)
+    down.encoded_hidden.CopyFrom(encoded_to_proto(codec.encode(out, key=key)))
+    return codec.spec, raw, sum(len(part.data) for part in down.encoded_hidden.parts.values())
+
+
 # ------------------------------------------------------------------------------------ process main
 def executor_main(spec: ExecutorSpec, events, control=None, *, watch_parent: bool = True) -> None:  # noqa: ANN001
     """Entry point of an executor process; reports ("ready", rank, info) or ("error", rank, text).
 
-    ``control`` (the leader's end of a pipe from the daemon) carries ("configure", epoch, next_address, data_key),
-    answered with ("configured", epoch)."""
+    ``control`` (the leader's end of a pipe from the daemon) carries the daemon's requests (see
+    _control_loop)."""
     if watch_parent:
         _exit_with_parent()
     try:
@@ -368,14 +381,21 @@ def standby_main(events, control) -> None:  # noqa: ANN001 - multiprocessing obj
 
 
 def _control_loop(conn, servicer: StageServicer) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    """Answers each of the daemon's requests, in order (the protocol: node/control.py)."""
     while True:
         try:
-            op, epoch, next_address, data_key = conn.recv()
+            request = conn.recv()
         except EOFError:  # the daemon is gone; _exit_with_parent ends the process
             return
+        op = request[0]
         if op == "configure":
+            _, epoch, next_address, data_key = request
             servicer.configure(epoch, next_address, data_key)
             conn.send(("configured", epoch))
+        elif op == "stats":
+            conn.send(("stats", servicer.traffic.snapshot()))
+        else:  # answered all the same: the daemon pairs answers with requests by their order
+            conn.send(("unknown", op))
 
 
 def _exit_with_parent() -> None:

@@ -144,7 +144,7 @@ def inventory(spec: str | None) -> list[Device]:
     if cpu_count:
         total, available = host_memory()
         threads = max(1, usable_cores() // cpu_count)
-        free = int(available * (1.0 - CPU_MEMORY_MARGIN)) // cpu_count
+        free = cpu_free_bytes(available, cpu_count)
         name = cpu_model_name()
         cpus = [
             Device(
@@ -163,29 +163,33 @@ def inventory(spec: str | None) -> list[Device]:
 # --- GPUs --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _nvml() -> Iterator[object | None]:
-    """Yields the initialised pynvml module, or None where NVML is missing (no package, no driver)."""
+def nvml_open():  # noqa: ANN201 - the pynvml module or None
+    """The pynvml module, initialised, or None where NVML is missing (no package, no driver). The caller
+    owes one ``nvmlShutdown()`` (NVML counts its inits); node/telemetry.py keeps one open for the daemon's life."""
     try:
         import pynvml
     except ImportError as e:
         log.debug("pynvml is not importable (%s); using torch.cuda", e)
-        yield None
-        return
+        return None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
         log.debug("NVML is not available (%s); using torch.cuda", e)
-        initialised = False
-    else:
-        initialised = True
-    if not initialised:
+        return None
+    return pynvml
+
+
+@contextmanager
+def _nvml() -> Iterator[object | None]:
+    """Yields the initialised pynvml module, or None where NVML is missing (no package, no driver)."""
+    nvml = nvml_open()
+    if nvml is None:
         yield None
         return
     try:
-        yield pynvml
+        yield nvml
     finally:
-        pynvml.nvmlShutdown()
+        nvml.nvmlShutdown()
 
 
 def _strtoul(text: str) -> int:
@@ -228,7 +232,7 @@ def _as_str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _nvml_handles(nvml) -> list | None:
+def nvml_handles(nvml) -> list | None:
     """NVML handles in CUDA ordinal order, or None where only torch can tell (MIG instances)."""
     physical = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
     visible = _cuda_visible_devices()
@@ -277,7 +281,7 @@ def gpu_count() -> int:
     """
     with _nvml() as nvml:
         if nvml is not None:
-            handles = _nvml_handles(nvml)
+            handles = nvml_handles(nvml)
             if handles is not None:
                 return len(handles)
     cuda = _torch_cuda()
@@ -289,7 +293,7 @@ def _cuda_devices(indices: list[int]) -> list[Device]:
     if not indices:
         return []
     with _nvml() as nvml:
-        handles = _nvml_handles(nvml) if nvml is not None else None
+        handles = nvml_handles(nvml) if nvml is not None else None
         if handles is not None:
             out = []
             for index in indices:
@@ -414,6 +418,11 @@ def host_memory() -> tuple[int, int]:
     if cgroup is not None:
         total, available = min(total, cgroup[0]), min(available, cgroup[1])
     return total, available
+
+
+def cpu_free_bytes(available: int, cpu_count: int) -> int:
+    """What one of ``cpu_count`` CPU executors may use of ``available`` host memory (after the margin)."""
+    return int(available * (1.0 - CPU_MEMORY_MARGIN)) // cpu_count
 
 
 def usable_cores() -> int:

@@ -21,6 +21,7 @@ device) against the exact path; the receiver's device is taken to be like the se
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -195,3 +196,30 @@ class LinkPolicy:
             parts.append(f"{self.cost.row_bytes / self.cost.coded_row_bytes:.2f}x fewer bytes, "
                          f"{self.cost.per_row_s * 1e6:.1f} us/row + {self.cost.fixed_s * 1e3:.2f} ms to code")
         return ", ".join(parts) + f": compress {what}"
+
+
+class TrafficCounters:
+    """Hidden states a stage leader sent downstream, per (next address, codec): messages, raw bytes (the
+    exact encoding's size) and wire bytes (the tensor bytes put in the messages). Cumulative for the
+    executor's life, across re-placements, so they read as Prometheus counters (LinkTraffic in
+    coordinator.proto). Added to by the compute thread, read by the control thread."""
+
+    def __init__(self, *, stage_start: int, stage_end: int) -> None:
+        self.stage_start, self.stage_end = stage_start, stage_end
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], list[int]] = {}  # (address, codec) -> [messages, raw, wire]
+
+    def add(self, address: str, codec: str, *, raw_bytes: int, wire_bytes: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault((address, codec), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += raw_bytes
+            counts[2] += wire_bytes
+
+    def snapshot(self) -> list[dict]:
+        """One dict per (address, codec), keyed like LinkTraffic's fields (``LinkTraffic(**d)`` builds one)."""
+        with self._lock:
+            items = sorted((key, list(counts)) for key, counts in self._counts.items())
+        return [{"peer_address": address, "codec": codec, "stage_start": self.stage_start,
+                 "stage_end": self.stage_end, "messages": messages, "raw_bytes": raw, "wire_bytes": wire}
+                for (address, codec), (messages, raw, wire) in items]

@@ -46,7 +46,10 @@ from client.credentials import (  # noqa: F401 - re-exported: the node and coord
 )
 from engine.errors import ConfigError
 
-OPEN_SERVICES = ("grpc.health.v1.Health",)
+# Need no credentials: health (probes carry none; it tells only SERVING or not) and server reflection
+# (what the services and messages are, as the published .proto files say; for grpcurl and debugging).
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+OPEN_SERVICES = ("grpc.health.v1.Health", REFLECTION_SERVICE)
 
 
 def new_secret(prefix: str) -> str:
@@ -200,3 +203,10 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     # The request stays raw bytes: a refused caller's payload is never parsed.
     return make(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+def add_reflection(server: grpc.Server, *services: str) -> None:
+    """Server reflection for ``services`` and the open ones (grpcurl lists and calls them)."""
+    from grpc_reflection.v1alpha import reflection
+
+    reflection.enable_server_reflection((*services, *OPEN_SERVICES), server)

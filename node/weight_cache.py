@@ -28,6 +28,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.progress import Progress
+from engine.progress import progress as progress_bar
 from engine.weights import _DTYPES  # safetensors dtype code -> (bytes per element, torch dtype)
 from tensorfleet.v1 import coordinator_pb2
 
@@ -142,8 +144,6 @@ def fetch_missing(stub: Any, manifest: coordinator_pb2.ModelManifest, names: Ite
                   *, node_id: str = "", progress: bool = True) -> int:
     """Fetch the named tensors that ``cache`` lacks from the coordinator (``stub.FetchWeights``), check
     each, and store it. Returns the bytes fetched: 0 when everything was cached already."""
-    from tqdm import tqdm
-
     entries = _entries(manifest)
     wanted: dict[str, coordinator_pb2.TensorEntry] = {}  # sha -> the one entry fetched for it
     for name in names:
@@ -159,8 +159,7 @@ def fetch_missing(stub: Any, manifest: coordinator_pb2.ModelManifest, names: Ite
     order = list(wanted.values())
     total = sum(e.nbytes for e in order)
     request = coordinator_pb2.FetchWeightsRequest(node_id=node_id, names=[e.name for e in order])
-    with tqdm(total=total, desc="fetching weights", unit="B", unit_scale=True,
-              disable=None if progress else True, leave=False) as bar:
+    with progress_bar(f"fetching {len(order)} tensor(s)", total, tag="node", enabled=progress) as bar:
         call = stub.FetchWeights(request)
         try:
             _receive(call, order, cache, bar)
@@ -176,7 +175,7 @@ def fetch_missing(stub: Any, manifest: coordinator_pb2.ModelManifest, names: Ite
 
 
 def _receive(stream: Iterable[coordinator_pb2.WeightChunk], order: Sequence[coordinator_pb2.TensorEntry],
-             cache: TensorCache, bar: Any) -> None:
+             cache: TensorCache, bar: Progress) -> None:
     """Consume the chunk stream: tensors in request order, each tensor's chunks contiguous from 0."""
     chunks = iter(stream)
     pending: coordinator_pb2.WeightChunk | None = next(chunks, None)
@@ -195,7 +194,7 @@ def _receive(stream: Iterable[coordinator_pb2.WeightChunk], order: Sequence[coor
 
 def _receive_one(first: coordinator_pb2.WeightChunk, chunks: Iterator[coordinator_pb2.WeightChunk],
                  entry: coordinator_pb2.TensorEntry, w: _TensorWriter,
-                 bar: Any) -> coordinator_pb2.WeightChunk | None:
+                 bar: Progress) -> coordinator_pb2.WeightChunk | None:
     """Write one tensor's chunks; return the first chunk of the next tensor (None at the end)."""
     chunk: coordinator_pb2.WeightChunk | None = first
     count = 0

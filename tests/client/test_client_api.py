@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -195,14 +196,14 @@ def test_status_returns_the_protobuf(fake_coordinator) -> None:
     assert d["epoch"] == {"value": "3"} and d["model"] == "SmolLM2-135M"
     assert [n["node_id"] for n in d["nodes"]] == ["n1", "n2"] and d["requests_waiting"] == 1
     text = format_status(status)
-    for expected in ("placement epoch: 3", "alpha", "0-19 (20)", "n1:0/0 n1:1/1", "requests: 2 running, 1 waiting"):
+    for expected in ("epoch     3", "alpha", "0-19 (20)", "n1:0 n1:1", "requests  2 running, 1 waiting"):
         assert expected in text
 
 
 def test_format_status_of_an_empty_cluster() -> None:
     text = format_status(coordinator_pb2.StatusResponse())
-    assert "placement epoch: none" in text and "nodes: none joined" in text
-    assert "placement: none in force" in text and "requests: 0 running, 0 waiting" in text
+    assert "epoch     none" in text and "nodes: none joined" in text and "serving   no: no placement in force" in text
+    assert "stages: none (no placement in force)" in text and "requests  0 running, 0 waiting" in text
 
 
 def test_close_and_a_channel_owned_by_the_caller(fake_coordinator) -> None:
@@ -256,7 +257,9 @@ def test_format_status_shows_placement_changes_and_why_nothing_serves() -> None:
                                  epoch={"value": 2})
     status.placement_changes.add(kind="failure", nodes=["n1-def"], reason="n1-def: no heartbeat", detected_at=200.0)
     text = format_status(status)
-    assert "placement: none in force (the nodes left cannot hold the model)" in text
-    rows = text.split("placement changes (latest last):")[1].splitlines()
-    assert rows[2].split()[:6] == ["2", "failure", "n2-abc", "1.25", "s", "16"]
-    assert rows[3].split()[:4] == ["-", "failure", "n1-def", "not"]
+    assert "serving   no: the nodes left cannot hold the model" in text
+    rows = text.split("placement changes (latest last)")[1].splitlines()
+    at = time.strftime("%H:%M:%S", time.localtime(100.0))
+    assert rows[2].split()[:7] == ["2", at, "failure", "n2-abc", "1.25", "s", "16"]
+    assert rows[3].split()[:6] == ["-", time.strftime("%H:%M:%S", time.localtime(200.0)), "failure", "n1-def",
+                                   "not", "resumed"]

@@ -71,29 +71,35 @@ def test_status_prints_the_tables(fake_coordinator, capsys) -> None:
     assert cli.main(["status", "--coordinator", fake_coordinator.address]) == 0
     out = capsys.readouterr().out
     for expected in (
-        "model: SmolLM2-135M",
-        "placement epoch: 3",
-        "nodes (2):",
-        "NODE  NAME",
-        "n1    alpha  10.0.0.1:7001  serving",
-        "0.2 s ago",  # 0.25 rounds to even
+        "model     SmolLM2-135M",
+        "epoch     3",
+        "serving   yes, 2 stage(s) on 2 node(s)",
+        "requests  2 running, 1 waiting (the queue holds up to 1024)",
+        "slots     6 free of 8 (256 tokens per step, 2 micro-batch(es) in flight)",
+        "nodes (2: 1 serving, 1 suspect)",
+        "ID  NAME",
+        "n1  alpha  10.0.0.1:7001  serving  0.2 s ago  cuda:0 NVIDIA H100 80GB HBM3",  # 0.25 rounds to even
         "suspect",
-        "cuda:0 NVIDIA H100 80GB HBM3 60.0/80.0 GiB; cuda:1 NVIDIA H100 80GB HBM3 60.0/80.0 GiB",
-        "cpu:0 32.0/64.0 GiB",
-        "placement (2 stages):",
-        "MEMBERS (node:device/rank)",
+        "60.0/80.0 GiB",
+        "cpu:0",
+        "32.0/64.0 GiB",
+        "stages (2)",
+        "DEVICES (node:device, by rank)",
         "0-19 (20)",
         "20-29 (10)",
-        "n1:0/0 n1:1/1",
-        "n2:0/0",
-        "1.50",  # weights GiB of stage 0
-        "4.00",  # KV GiB of stage 0
-        "requests: 2 running, 1 waiting",
-        "batch: up to 8 sequences (6 slots free), 256 tokens per step, 2 micro-batch(es) in flight, queue up to 1024",
+        "n1:0 n1:1",
+        "n2:0",
+        "1.50 GiB",  # weights of stage 0
+        "4.00 GiB",  # KV cache of stage 0
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
-    stage0 = next(line for line in out.splitlines() if "n1:0/0" in line).split()
-    assert stage0[:2] == ["0", "0-19"] and stage0[-4:] == ["1.50", "4.00", "8", "24"]
+    stage0 = next(line for line in out.splitlines() if "n1:0 n1:1" in line).split()
+    assert stage0[:4] == ["0", "0-19", "(20)", "2"] and stage0[-6:] == ["1.50", "GiB", "4.00", "GiB", "8", "24"]
+    # The second device of n1 has a line of its own, under the first.
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if "cuda:0" in line)
+    second = lines[first + 1]
+    assert second.lstrip().startswith("cuda:1") and second.index("cuda:1") == lines[first].index("cuda:0")
 
 
 def test_status_json(fake_coordinator, capsys) -> None:

@@ -27,6 +27,7 @@ def test_a_compressed_link_equals_the_engine_with_the_same_codec(tmp_path: Path,
         with TensorfleetClient(c.address) as client:
             ranges = [(s.layers.start, s.layers.end) for s in client.status().stages]
             got = [client.generate(p, max_tokens=TOKENS, ignore_eos=True).token_ids for p in PROMPTS]
+        traffic = link_traffic(c, messages=len(PROMPTS) * TOKENS)
     llm = LLM(EngineConfig(model=str(embedded_model_dir), num_slots=2, max_seq_len=256), layer_ranges=ranges)
     codec = make_codec(SPEC)
     expected = [llm.generate([p], SamplingParams(max_tokens=TOKENS, ignore_eos=True), chat=True,
@@ -36,6 +37,29 @@ def test_a_compressed_link_equals_the_engine_with_the_same_codec(tmp_path: Path,
     assert got == expected
     assert got != exact
     assert len(ranges) == 2 and sum(len(t) for t in got) == len(PROMPTS) * TOKENS
+    # The coordinator's /metrics shows the link's bytes (from the nodes' heartbeats): int4 about 4.3 bits
+    # a value where exact sends 32.
+    (codec, (raw, wire, messages)), = traffic.items()  # the codec's full spec: int4:block=32
+    assert codec.startswith(SPEC), traffic
+    assert messages >= len(PROMPTS) * TOKENS and 0.1 < wire / raw < 0.2
+
+
+def link_traffic(cluster: LocalCluster, *, messages: int, timeout_s: float = 10.0) -> dict[str, tuple]:
+    """codec -> (raw bytes, wire bytes, messages) from /metrics, once the heartbeats report ``messages``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = cluster.metrics()
+        out: dict[str, list] = {}
+        for key, value in samples.items():
+            for i, name in enumerate(("raw_bytes", "wire_bytes", "messages")):
+                if key.startswith(f"tensorfleet_link_{name}_total{{"):
+                    codec = key.split("codec=", 1)[1].split(",", 1)[0].rstrip("}")
+                    out.setdefault(codec, [0, 0, 0])[i] += value
+        if sum(v[2] for v in out.values()) >= messages or time.monotonic() > deadline:
+            return {k: tuple(v) for k, v in out.items()}
+        time.sleep(0.25)
 
 
 @pytest.mark.parametrize("flag, spec, complaint", [

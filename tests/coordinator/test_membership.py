@@ -62,3 +62,17 @@ def test_changes_are_bounded_and_the_timeout_validated() -> None:
     assert len(m.changes) == MAX_CHANGES and m.changes[-1].nodes == [str(MAX_CHANGES + 4)]
     with pytest.raises(ValueError, match="must be positive"):
         Membership(timeout_s=0)
+
+
+def test_a_heartbeat_stores_the_latest_report_of_its_member() -> None:
+    clock = Clock()
+    m = Membership(timeout_s=1.0, clock=clock)
+    a = m.join(info("a"))
+    assert (a.live_devices, a.links, a.reported_at) == ([], [], 0.0)
+    clock.now += 0.5
+    assert m.heartbeat(a.node_id, devices=("gpu0", "gpu1"), links=["link"]) == "ok"
+    assert (a.live_devices, a.links, a.reported_at) == (["gpu0", "gpu1"], ["link"], 100.5)
+    clock.now += 0.5
+    m.heartbeat(a.node_id, devices=("gpu0'",))  # the stage is gone: its links go too
+    assert (a.live_devices, a.links, a.reported_at) == (["gpu0'"], [], 101.0)
+    assert m.heartbeat("nobody", devices=("x",)) == "unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import Future
 
@@ -353,7 +354,9 @@ def test_a_failed_step_holds_until_the_coordinator_decides() -> None:
         s.stop()
 
 
-def test_a_failed_step_then_failover_replays_instead_of_failing() -> None:
+def test_a_failed_step_then_failover_replays_instead_of_failing(capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENSORFLEET_LOG_FORMAT", "json")
     s = Scheduler(eos_ids=set(), on_step_error=lambda error: None)
     try:
         pipe = ManualPipeline()
@@ -367,6 +370,10 @@ def test_a_failed_step_then_failover_replays_instead_of_failing() -> None:
         assert tokens_of(req) == [14, 15, 16]
     finally:
         s.stop()
+    # The replay is the same request: admitted once, finished once, with all its tokens.
+    lines = _request_lines(capsys.readouterr().err)
+    assert [(x["msg"], x.get("completion_tokens")) for x in lines] == [("request admitted", None),
+                                                                       ("request finished", 3)]
 
 
 def test_without_capacity_requests_wait_up_to_the_deadline() -> None:
@@ -387,3 +394,58 @@ def test_without_capacity_requests_wait_up_to_the_deadline() -> None:
         assert s.expire_waiting(60.0, "x") == 0, "never while a pipeline serves"
     finally:
         s.stop()
+
+
+def _request_lines(err: str) -> list[dict]:
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["msg"].startswith("request ")]
+
+
+def test_one_log_line_when_admitted_to_a_slot_and_one_when_finished(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENSORFLEET_LOG_FORMAT", "json")
+    s = Scheduler(eos_ids={EOS})
+    try:
+        s.set_pipeline(FakePipeline(), epoch=1, num_slots=1)
+        done = request("done-1", prompt_len=5, max_tokens=3)
+        s.submit(done)
+        collect(done)
+        s.set_pipeline(FakePipeline(fail=True), epoch=2, num_slots=1)
+        failed = request("failed-1", prompt_len=2)
+        s.submit(failed)
+        collect(failed)
+    finally:
+        s.stop()
+    lines = _request_lines(capsys.readouterr().err)
+    assert [(x["msg"], x["request_id"]) for x in lines] == [
+        ("request admitted", "done-1"), ("request finished", "done-1"),
+        ("request admitted", "failed-1"), ("request finished", "failed-1"),
+    ]
+    admitted, finished, _, failure = lines
+    assert admitted["component"] == "coordinator" and admitted["level"] == "INFO" and admitted["prompt_tokens"] == 5
+    assert 0 <= admitted["queued_s"] < 10
+    assert (finished["finish_reason"], finished["prompt_tokens"], finished["completion_tokens"]) == ("length", 5, 3)
+    assert 0 <= finished["ttft_s"] <= finished["total_s"] < 10 and "error" not in finished
+    assert failure["finish_reason"] == "error" and failure["completion_tokens"] == 0 and failure["ttft_s"] is None
+    assert failure["error"] == "the pipeline failed: stage 1 is gone"
+
+
+def test_requests_that_never_got_a_slot_are_logged_once(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENSORFLEET_LOG_FORMAT", "json")
+    s = Scheduler(eos_ids=set())  # no pipeline: requests wait
+    try:
+        cancelled, expired = request("w-cancelled"), request("w-expired")
+        s.submit(cancelled)
+        s.submit(expired)
+        s.cancel(cancelled)
+        s.cancel(cancelled)  # a second cancel (the RPC's end callback) adds no line
+        assert s.expire_waiting(0.0, "no nodes") == 1
+    finally:
+        s.stop()
+    lines = _request_lines(capsys.readouterr().err)
+    finished = [x for x in lines if x["msg"] == "request finished"]
+    assert len(finished) == len(lines)  # never admitted to a slot: no "admitted" line
+    assert [(x["request_id"], x["finish_reason"]) for x in finished] == [("w-cancelled", "cancelled"),
+                                                                       ("w-expired", "error")]
+    assert "no nodes" in finished[1]["error"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -137,7 +139,7 @@ def test_directory_holding_one_gguf_is_that_gguf(tmp_path: Path) -> None:
 
 
 def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def half_convert(gguf_path: Path, out_dir: Path) -> None:
+    def half_convert(gguf_path: Path, out_dir: Path, **_: object) -> None:
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # an interrupted conversion, as with Ctrl-C
 
@@ -150,6 +152,51 @@ def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch: py
     with pytest.raises(KeyboardInterrupt):
         resolve_model(small, cache_dir=tmp_path / "cache", progress=False)
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == ["hashes.json"]
+
+
+def test_weights_are_written_as_save_pretrained_writes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.delenv("TENSORFLEET_LOG_FORMAT", raising=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
+    ))
+    model.save_pretrained(tmp_path / "reference")
+    capsys.readouterr()
+    ms._save_model(model, tmp_path / "ours", progress=True)  # stderr is not a terminal here: log lines
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err  # transformers' own bar (over 0 shards) is off
+    assert re.search(r"\[model\] writing 20 fp32 tensors: 100% \(([\d.]+ KiB) of \1", err), err
+    assert err.count("100%") == 1
+
+    names = {p.name for p in (tmp_path / "ours").iterdir()}
+    assert names == {p.name for p in (tmp_path / "reference").iterdir()} >= {"config.json", "model.safetensors"}
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "ours" / name).read_text() == (tmp_path / "reference" / name).read_text()
+    with safe_open(str(tmp_path / "reference" / "model.safetensors"), "pt") as ref, \
+            safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as got:
+        assert sorted(got.keys()) == sorted(ref.keys()) and "lm_head.weight" not in got.keys()  # tied: stored once
+        assert got.metadata() == ref.metadata()
+        for name in ref.keys():
+            assert torch.equal(got.get_tensor(name), ref.get_tensor(name)), name
+
+
+def test_hashing_shows_progress_off_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TENSORFLEET_LOG_FORMAT", raising=False)
+    monkeypatch.setattr(ms, "_CHUNK", 1024)
+    data = tmp_path / "blob.gguf"
+    data.write_bytes(bytes(range(256)) * 64)  # 16 KiB in 16 reads
+    assert ms._hash_file(data, 16384, progress=True) == hashlib.sha256(data.read_bytes()).hexdigest()
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 11 and all("[model] hashing blob.gguf: " in line for line in lines)
+    assert "100% (16.0 KiB of 16.0 KiB" in lines[-1]
+    assert ms._hash_file(data, 16384, progress=False) and capsys.readouterr().err == ""
 
 
 def test_missing_embedded_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import engine.weights
 from engine.errors import ModelLoadError
-from engine.weights import INDEX_FILE, WeightReader, read_safetensors_header
+from engine.weights import INDEX_FILE, WeightReader, read_safetensors_header, write_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -220,3 +221,27 @@ def test_tensor_data_is_read_on_demand(single_dir: Path) -> None:
         f.seek(8 + header_len + info.begin)
         f.write(torch.arange(100, 110, dtype=torch.int64).numpy().tobytes())
     assert torch.equal(reader.get("positions"), torch.arange(100, 110))
+
+
+def test_write_safetensors_reads_back_like_save_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import safe_open
+
+    monkeypatch.setattr(engine.weights, "_WRITE_CHUNK", 64)  # several writes per tensor, as for a large one
+    tensors = {**_tensors(), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+               "transposed": torch.randn(6, 4).t()}  # not contiguous: written in its logical order
+    written: list[int] = []
+    write_safetensors(tmp_path / "model.safetensors", tensors, metadata={"format": "pt"}, on_bytes=written.append)
+    assert sum(written) == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert max(written) == 64 and len(written) > len(tensors)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    reader = WeightReader(tmp_path)  # and the engine's own reader validates the layout
+    assert torch.equal(reader.get("layers.0.proj.weight"), tensors["layers.0.proj.weight"])
+
+
+def test_write_safetensors_refuses_a_dtype_it_cannot_store(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="complex64"):
+        write_safetensors(tmp_path / "x.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})

@@ -171,6 +171,25 @@ def test_bad_streams_raise_and_store_nothing(tamper, match: str, models: dict, t
     assert stored == ([sha] if "not requested" in match else [])
 
 
+def test_fetch_progress_is_log_lines_off_a_terminal(models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TENSORFLEET_LOG_FORMAT", raising=False)
+    model_dir, manifest = models["fp32"]
+    names = _stage_names(manifest, 0, NUM_LAYERS)
+    with serve(Servicer(model_dir, manifest)) as stub:
+        fetched = fetch_missing(stub, manifest, names, TensorCache(tmp_path / "ok"), progress=True)
+        lines = capsys.readouterr().err.splitlines()
+        assert 1 <= len(lines) <= 11 and all("[node] fetching " in line and "\r" not in line for line in lines)
+        kib = f"{fetched / 1024:.1f} KiB"
+        assert f"tensor(s): 100% ({kib} of {kib} in " in lines[-1]
+        # A stream that breaks says how far it got, then fails as before.
+        name = "model.layers.1.self_attn.q_proj.weight"
+        with serve(Servicer(model_dir, manifest, tamper=lambda chunks: chunks[:-1])) as bad, \
+                pytest.raises(ModelLoadError, match="truncated"):
+            fetch_missing(bad, manifest, [name], TensorCache(tmp_path / "bad"), progress=True)
+    assert "WARNING: fetching 1 tensor(s): stopped at 75% (12.0 KiB of 16.0 KiB" in capsys.readouterr().err
+
+
 def test_server_errors_become_model_load_errors(models: dict, tmp_path: Path) -> None:
     model_dir, manifest = models["fp32"]
     forged = coordinator_pb2.ModelManifest()

@@ -735,8 +735,9 @@ class Harness:
     (LocalCluster.procs), checked after every case."""
 
     def __init__(self, address: str, *, api_key: str, join_token: str, procs: dict | None = None,
-                 expected_exits: set | None = None, timeout: float = 10.0) -> None:
+                 expected_exits: set | None = None, timeout: float = 10.0, http_url: str | None = None) -> None:
         self.address, self.api_key, self.join_token = address, api_key, join_token
+        self.http_url = http_url  # the coordinator's HTTP API (tests/security/http_fuzz.py)
         self.procs, self.expected_exits = procs, expected_exits if expected_exits is not None else set()
         self.timeout = timeout
         self.channels: dict[str, grpc.Channel] = {}

@@ -174,7 +174,7 @@ def test_no_auth_opens_the_client_rpcs_only(tmp_path: Path) -> None:
     port = free_port()
     home = tmp_path / "home"
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "start", "--model", str(model), "--port",
-                             str(port), "--no-auth", "--state-dir", str(home)], stdout=subprocess.PIPE,
+                             str(port), "--no-auth", "--no-http", "--state-dir", str(home)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "proto")])})
     try:

@@ -21,7 +21,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 
-from tests.security import fuzz
+from tests.security import fuzz, http_fuzz
 
 EXAMPLES = int(os.environ.get("TENSORFLEET_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -35,7 +35,7 @@ RPCS = ["Generate", "Status", "Join", "Heartbeat", "Leave", "GetManifest", "Fetc
 def harness(tmp_path_factory):  # noqa: ANN201
     with fuzz.local_cluster(tmp_path_factory.mktemp("fuzz")) as cluster:
         h = fuzz.Harness(cluster.address, api_key=cluster.api_key, join_token=cluster.secrets.join_token,
-                         procs=cluster.procs, expected_exits=cluster.expected_exits)
+                         procs=cluster.procs, expected_exits=cluster.expected_exits, http_url=cluster.http_url)
         try:
             assert h.wait_serving() == ""
             yield h
@@ -70,3 +70,28 @@ def test_fuzz(harness: fuzz.Harness, name: str) -> None:
     problem = harness.wait_serving()
     assert problem == "", f"the cluster does not serve after fuzzing {name}: {problem}"
     assert not harness.dead()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint", sorted(http_fuzz.ENDPOINTS))
+def test_fuzz_http(harness: fuzz.Harness, endpoint: str) -> None:
+    """Every HTTP endpoint: random requests (tests/security/http_fuzz.py) get proper answers, and the
+    cluster's processes stay up."""
+    model = harness.status().model
+    secrets = http_fuzz.Secrets(api_key=harness.api_key, join_token=harness.join_token)
+    tally = http_fuzz.Tally()
+
+    @FUZZ
+    @given(case=http_fuzz.cases(endpoint, model, secrets))
+    def one_request(case: http_fuzz.Case) -> None:
+        outcome = http_fuzz.perform(harness.http_url, case, timeout=harness.timeout)
+        reason = tally.add(case, outcome)
+        assert reason is None, f"{reason}\n{case!r}"
+        assert not harness.dead(), f"process(es) died after {case!r}"
+
+    one_request()
+    counts = tally.counts[endpoint]
+    print(f"\n{endpoint}: {sum(counts.values())} requests: {dict(sorted(counts.items()))}")
+    for count, status, message in tally.common_details(endpoint):
+        print(f"  {count:5d} x {status}: {message}")
+    assert sum(counts.values()) >= EXAMPLES

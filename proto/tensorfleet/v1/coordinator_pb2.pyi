@@ -185,14 +185,34 @@ class JoinResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "epoch", "devices")
+    __slots__ = ("node_id", "epoch", "devices", "links")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: _common_pb2.PlacementEpoch
     devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceInfo]
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[_common_pb2.DeviceInfo, _Mapping]]] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkTraffic]
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[_common_pb2.DeviceInfo, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkTraffic, _Mapping]]] = ...) -> None: ...
+
+class LinkTraffic(_message.Message):
+    __slots__ = ("peer_address", "codec", "stage_start", "stage_end", "messages", "raw_bytes", "wire_bytes")
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    STAGE_START_FIELD_NUMBER: _ClassVar[int]
+    STAGE_END_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    peer_address: str
+    codec: str
+    stage_start: int
+    stage_end: int
+    messages: int
+    raw_bytes: int
+    wire_bytes: int
+    def __init__(self, peer_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_start: _Optional[int] = ..., stage_end: _Optional[int] = ..., messages: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("epoch", "rejoin", "leave")
