@@ -32,6 +32,9 @@ class NodeSpec:
     netns: str | None = None  # run the node under `ip netns exec <netns>`
     host: str | None = None  # the address the node listens on and advertises (node.cli join --host)
     env: dict[str, str] = field(default_factory=dict)
+    # A node keeps an executor process ready (torch imported) for the next failover; tests without
+    # failovers turn it off to spare the CPU it takes to start.
+    standby: bool = True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -132,6 +135,8 @@ class LocalCluster:
             args += ["--host", spec.host]
         if self.tls_dir:
             args += ["--tls", self.tls_dir]
+        if not spec.standby:
+            args.append("--no-standby")
         return self._spawn(name, args, taskset=spec.taskset, env=spec.env, netns=spec.netns)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -139,7 +144,8 @@ class LocalCluster:
         from client.api import ClientError, TensorfleetClient
 
         deadline = time.monotonic() + timeout_s
-        with TensorfleetClient(self.address, timeout=5) as client:
+        with TensorfleetClient(self.address, timeout=5, api_key=self.api_key,
+                               tls_ca=self.client_env[ENV_TLS_CA] or None) as client:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
                     if proc.poll() is not None and name not in self.expected_exits:

@@ -21,7 +21,7 @@ SPEC, TOKENS = "int4", 16  # coarse enough to change tokens: the test sees that 
 
 
 def test_a_compressed_link_equals_the_engine_with_the_same_codec(tmp_path: Path, embedded_model_dir) -> None:  # noqa: ANN001
-    nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)) for _ in range(2)]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(embedded_model_dir)) for _ in range(2)]
     with LocalCluster(tmp_path, model=str(embedded_model_dir), nodes=nodes, coordinator_args=[
             "--stages", "2", "--codec", SPEC, "--codec-min-tokens", "0", "--slots", "2", "--max-seq-len", "256"]) as c:
         with TensorfleetClient(c.address) as client:

@@ -26,7 +26,7 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir) -> LocalCluster:  # noqa: ANN001
     work = tmp_path_factory.mktemp("http")
-    nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir))]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(embedded_model_dir))]
     with LocalCluster(work, model=str(embedded_model_dir), nodes=nodes,
                       coordinator_args=["--max-slots", "4", "--max-seq-len", "256"]) as c:
         yield c
@@ -229,3 +229,23 @@ def test_health_is_serving(cluster: LocalCluster) -> None:
         assert r.status == 200 and json.loads(r.read())["status"] == "serving"
     with urllib.request.urlopen(cluster.http_url + "/health/live", timeout=10) as r:
         assert r.status == 200
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics(cluster: LocalCluster) -> None:
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs/grafana/tensorfleet-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"tensorfleet_[a-z0-9_]+", target["expr"])}
+    with urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10) as r:
+        families = set(re.findall(r"^# TYPE (\S+) (\S+)", r.read().decode(), flags=re.M))
+    exported = set()
+    for name, kind in families:  # what a query may name: counters with _total, histograms by their series
+        if kind == "counter":
+            exported.add(name.removesuffix("_total") + "_total")
+        elif kind == "histogram":
+            exported |= {name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            exported.add(name)
+    assert len(used) >= 15 and used <= exported, used - exported

@@ -39,9 +39,9 @@ def reference(embedded_model_dir) -> list[list[int]]:  # noqa: ANN001
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir) -> LocalCluster:  # noqa: ANN001
     work = tmp_path_factory.mktemp("cluster")
-    nodes = [NodeSpec(devices="cpu", model_dir=str(embedded_model_dir)),
-             NodeSpec(devices="cpu", cache_dir=str(work / "cache1")),
-             NodeSpec(devices="cpu:3", cache_dir=str(work / "cache2"))]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(embedded_model_dir)),
+             NodeSpec(standby=False, devices="cpu", cache_dir=str(work / "cache1")),
+             NodeSpec(standby=False, devices="cpu:3", cache_dir=str(work / "cache2"))]
     # Slots derived from memory (capped at 8); a step carries at most 16 tokens, so the chat prompts (about
     # 35 tokens) are prefilled in chunks, beside the decode rows of the requests already running.
     c = LocalCluster(work, model=str(embedded_model_dir), nodes=nodes,
@@ -112,7 +112,8 @@ def test_two_cpu_executors_form_a_tensor_parallel_stage(tmp_path: Path, tp_codec
     prompts = random_prompts(320, [5, 17, 30])
     llm = LLM(EngineConfig(model=str(model), num_slots=4, max_seq_len=256), load_tokenizer=False)
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))]
-    nodes = [NodeSpec(devices="cpu", model_dir=str(model)), NodeSpec(devices="cpu:2", cache_dir=str(tmp_path / "c"))]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(model)),
+             NodeSpec(standby=False, devices="cpu:2", cache_dir=str(tmp_path / "c"))]
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
                       coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "256",
                                         "--tp-codec", tp_codec, "--tp-codec-min-elements", "1"]) as c:
@@ -136,7 +137,7 @@ def test_several_steps_in_flight_through_the_pipeline(tmp_path: Path) -> None:
     prompts = random_prompts(256, [9, 21])
     llm = LLM(EngineConfig(model=str(model), num_slots=2, max_seq_len=128), load_tokenizer=False)
     want = [llm.generate([p], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids for p in prompts]
-    nodes = [NodeSpec(devices="cpu", model_dir=str(model)), NodeSpec(devices="cpu", model_dir=str(model))]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(model)) for _ in range(2)]
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
                       coordinator_args=["--stages", "2", "--slots", "4", "--max-seq-len", "128"]) as c:
         with TensorfleetClient(c.address) as client:
@@ -176,7 +177,8 @@ def test_executors_exit_when_their_node_daemon_is_killed(tmp_path: Path) -> None
     from tests.engine.reference import make_random_model
 
     model = make_random_model("llama-gqa-tied", tmp_path / "m")
-    with LocalCluster(tmp_path / "run", model=str(model), nodes=[NodeSpec(devices="cpu:2", model_dir=str(model))],
+    nodes = [NodeSpec(standby=False, devices="cpu:2", model_dir=str(model))]
+    with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
                       coordinator_args=["--slots", "2", "--max-seq-len", "64"]) as c:
         daemon = c.procs["node0"]
         children = subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True, text=True).stdout.split()

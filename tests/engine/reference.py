@@ -108,6 +108,10 @@ SHAPES = {
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                          max_position_embeddings=131072, rope_theta=500000.0,
                          rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, rms_norm_eps=1e-5),
+    # Not published: lets the benchmark scripts that take a shape run end to end on CPU in their tests.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
+                 max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5),
 }
 
 

@@ -226,16 +226,20 @@ def test_default_cache_dir_reads_the_environment_at_call_time(
 
 
 def test_embedded_gguf_converts_once_to_a_plain_hf_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """The conversion the other tests share (made once per cache; the test cache is kept across runs, and a
+    fresh clone converts in whichever test comes first): a plain HF directory equal to the GGUF's weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.weights import WeightReader
+    from tests.conftest import shared_model_cache
 
-    source = resolve_model("embedded", cache_dir=tmp_path, progress=False)
+    cache = shared_model_cache()
+    source = resolve_model("embedded", cache_dir=cache, progress=False)
+    assert source.path == embedded_model_dir
     assert source.origin == "embedded" and source.name == "SmolLM2-135M-Instruct"
-    assert source.path.parent == tmp_path / "gguf" and len(source.path.name) == 16
-    assert "converting" in capfd.readouterr().err
+    assert source.path.parent == cache / "gguf" and len(source.path.name) == 16
     files = {p.name for p in source.path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tensorfleet-source.json"} <= files
     config = json.loads((source.path / "config.json").read_text())
@@ -260,7 +264,7 @@ def test_embedded_gguf_converts_once_to_a_plain_hf_directory(
     monkeypatch.setattr(ms, "_hash_file", lambda *a, **k: pytest.fail("rehashed on a cache hit"))
     monkeypatch.setattr(ms, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     start = time.monotonic()
-    again = resolve_model(None, cache_dir=tmp_path, progress=False)
+    again = resolve_model(None, cache_dir=cache, progress=False)
     assert time.monotonic() - start < 2.0
     assert again == source
     assert "converting" not in capfd.readouterr().err

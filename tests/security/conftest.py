@@ -18,7 +18,7 @@ def cluster(tmp_path_factory):  # noqa: ANN201
 
     work = tmp_path_factory.mktemp("security")
     model = make_random_model("llama-gqa-tied", work / "m")
-    nodes = [NodeSpec(devices="cpu", model_dir=str(model)) for _ in range(2)]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(model)) for _ in range(2)]
     with LocalCluster(work / "run", model=str(model), nodes=nodes, coordinator_args=[
             "--stages", "2", "--slots", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--max-streams-per-client", "1"]) as c:
         yield c

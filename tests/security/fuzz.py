@@ -722,7 +722,7 @@ def local_cluster(workdir: Path, *, nodes: int = 2):  # noqa: ANN201 - a coordin
     from coordinator.local_cluster import LocalCluster, NodeSpec
 
     model = make_model(workdir / "model")
-    specs = [NodeSpec(devices="cpu", model_dir=str(model)) for _ in range(nodes)]
+    specs = [NodeSpec(standby=False, devices="cpu", model_dir=str(model)) for _ in range(nodes)]
     return LocalCluster(workdir / "run", model=str(model), nodes=specs, coordinator_args=COORDINATOR_ARGS)
 
 

@@ -25,7 +25,7 @@ def cluster(tmp_path_factory):  # noqa: ANN201
     certs = work / "certs"
     create_cluster_certs(certs, ["127.0.0.1"])
     model = make_random_model("llama-gqa-tied", work / "m")
-    nodes = [NodeSpec(devices="cpu", model_dir=str(model)) for _ in range(2)]
+    nodes = [NodeSpec(standby=False, devices="cpu", model_dir=str(model)) for _ in range(2)]
     with LocalCluster(work / "run", model=str(model), nodes=nodes, tls_dir=certs,
                       coordinator_args=["--stages", "2", "--slots", "2", "--max-seq-len", "64"]) as c:
         yield c
