@@ -235,7 +235,8 @@ def test_the_grafana_dashboard_uses_only_exported_metrics(cluster: LocalCluster)
     import re
     from pathlib import Path
 
-    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs/grafana/tensorfleet-dashboard.json").read_text())
+    path = Path(__file__).resolve().parents[2] / "docs/grafana/tensorfleet-dashboard.json"
+    dashboard = json.loads(path.read_text())
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"tensorfleet_[a-z0-9_]+", target["expr"])}
     with urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10) as r:
