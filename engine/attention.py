@@ -47,6 +47,11 @@ class StepMeta:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, decode_kv_len] bool; None when no masking is needed
     segments: list[Segment]
     extras: dict[str, Any] = field(default_factory=dict)  # per-family step data (e.g. RoPE cos/sin)
+    # A decode step of fixed shape for CUDA graphs (engine/graphs.py): every row decodes, every index is a
+    # tensor on the device (none is read on the host), and attention reads ``decode_kv_len`` keys of each
+    # row's slot, masked beyond the row's position on the device.
+    static: bool = False
+    sliding_window: int | None = None
 
     @property
     def batch(self) -> int:
@@ -100,6 +105,18 @@ class StepMeta:
         )
 
 
+    @staticmethod
+    def static_decode(slots: torch.Tensor, positions: torch.Tensor, kv_len: int, *,
+                      sliding_window: int | None = None) -> StepMeta:
+        """A decode step over the device tensors ``slots`` and ``positions`` ([B] int64 each, filled in
+        before every run): its shapes are fixed, its values are not."""
+        batch = int(slots.shape[0])
+        return StepMeta(slots=[], starts=[], lengths=[1] * batch, positions=positions, write_slots=slots,
+                        last_index=torch.arange(batch, device=slots.device), decode_rows=list(range(batch)),
+                        decode_index=None, decode_slots=slots, decode_kv_len=kv_len, decode_mask=None,
+                        segments=[], static=True, sliding_window=sliding_window)
+
+
 def _segment_mask(start: int, length: int, window: int | None, device: torch.device | str) -> torch.Tensor | None:
     if start == 0 and window is None:
         return None
@@ -131,6 +148,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache
     """
     num_tokens, heads, dim = q.shape
     dtype = q.dtype
+    if meta.static:
+        cache.write(layer, k, v, meta.write_slots, meta.positions)
+        return _static_decode_attention(q, cache, layer, meta, scale).reshape(num_tokens, heads * dim)
     if meta.batch == 1:  # one sequence: its positions are one contiguous run
         cache.write_run(layer, k.transpose(0, 1), v.transpose(0, 1), meta.slots[0], meta.starts[0])
     else:
@@ -183,3 +203,26 @@ def _slot_mask(meta: StepMeta, num_slots: int, device: torch.device) -> torch.Te
                 else torch.ones(len(meta.decode_rows), meta.decode_kv_len, dtype=torch.bool))
     mask[meta.decode_slots.cpu()] = row_mask
     return mask.view(num_slots, 1, 1, meta.decode_kv_len).to(device)
+
+
+def _static_decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: StepMeta,
+                             scale: float | None) -> torch.Tensor:
+    """Decode attention with no host work (CUDA graphs): q [B, heads, d] -> [B, heads, d].
+
+    Each row reads ``decode_kv_len`` keys of its slot; keys past its position (or outside its sliding
+    window) are masked on the device. Scores and softmax in fp32, as the reference's eager attention."""
+    mask = meta.extras.get("static_decode_mask")
+    if mask is None:  # built once per step (and recorded once in a graph), shared by every layer
+        keys = torch.arange(meta.decode_kv_len, device=q.device)
+        query = meta.positions.unsqueeze(1)  # [B, 1]
+        mask = keys <= query
+        if meta.sliding_window is not None:
+            mask &= keys > query - meta.sliding_window
+        mask = meta.extras["static_decode_mask"] = mask[:, None, None, :]  # [B, 1, 1, L]
+    keys, values = cache.read(layer, meta.decode_slots, meta.decode_kv_len)  # [B, kv_heads, L, d]
+    rows, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # query heads grouped by the kv head they share
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (scale if scale is not None else dim ** -0.5)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)  # [B, kv_heads, g, L]
+    return torch.matmul(probs, values).view(rows, heads, dim).to(q.dtype)

@@ -75,9 +75,12 @@ def available_memory(device: torch.device) -> int:
 class KVCache:
     """K and V tensors for every layer of a stage, one slot per running sequence."""
 
-    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu", *, spare_slots: int = 0) -> None:
+        """``spare_slots`` beyond ``spec.num_slots`` take the writes of padding rows (engine/graphs.py);
+        they are never read as a sequence's slot."""
         self.spec = spec
-        shape = (spec.num_layers, spec.num_slots, spec.num_kv_heads, spec.max_seq_len, spec.head_dim)
+        self.spare_slot = spec.num_slots if spare_slots else None  # the first spare slot
+        shape = (spec.num_layers, spec.num_slots + spare_slots, spec.num_kv_heads, spec.max_seq_len, spec.head_dim)
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
 
@@ -100,7 +103,7 @@ class KVCache:
         """
         k, v = self.k[layer][:, :, :length], self.v[layer][:, :, :length]
         if slots is None:
-            return k, v
+            return k[:self.spec.num_slots], v[:self.spec.num_slots]
         if isinstance(slots, int):
             return k[slots: slots + 1], v[slots: slots + 1]
         return k.index_select(0, slots), v.index_select(0, slots)

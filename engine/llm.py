@@ -19,6 +19,7 @@ import torch
 from engine.config import ModelConfig
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import ConfigError
+from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache, KVCacheSpec, available_memory, slots_for_memory
 from engine.model_source import load_hf_config, resolve_model
 from engine.parallel import TPGroup
@@ -39,6 +40,7 @@ class EngineConfig:
     max_slots: int = 64
     cache_dir: str | None = None
     optimize_kernels: bool = True  # e.g. oneDNN weights on CPU fp32; False keeps plain torch.nn.functional
+    cuda_graphs: bool = True  # decode steps as CUDA graphs where they pay (engine/graphs.py)
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -118,8 +120,11 @@ class LLM:
         if self.config.optimize_kernels:
             for stage in self.stages:
                 stage.optimize_kernels()
-        self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len)
-                                      for s in self.stages]
+        use_graphs = self.config.cuda_graphs and all(graphs_pay(s) for s in self.stages)
+        self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len,
+                                                  spare_slots=1 if use_graphs else 0) for s in self.stages]
+        self.graphs = ([DecodeGraphs(s, c) for s, c in zip(self.stages, self.caches, strict=True)]
+                       if use_graphs else None)
         self.tokenizer = self._load_tokenizer() if load_tokenizer else None
         self.eos_ids = set(self.model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -250,8 +255,14 @@ class LLM:
         they enter stage i+1 (every stage but the last), e.g. to model a lossy wire codec between stages."""
         lengths = [len(t) for t in new_tokens]
         h = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long, device=self.stages[0].device)
-        meta = self.stages[0].make_meta(slots, starts, lengths)
         last = len(self.stages) - 1
+        if self.graphs is not None and not all_logits and self.graphs[0].handles(lengths):
+            for i, graphs in enumerate(self.graphs):
+                h = graphs.run(slots, starts, h)
+                if boundary is not None and i < last:
+                    h = boundary(i, h)
+            return h
+        meta = self.stages[0].make_meta(slots, starts, lengths)
         for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
             if h.device != stage.device:
                 h = h.to(stage.device)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from engine.codecs import Codec
 from engine.config import ModelConfig
+from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache
 from engine.logs import log_line
 from engine.parallel import TPGroup
@@ -88,9 +89,14 @@ class StageRunner:
         self.stage.load(_weight_reader(spec))
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.stage.parameters())
         self.stage.optimize_kernels()  # after counting: prepacked weights are no longer parameters
-        self.cache: KVCache = self.stage.new_cache(num_slots=spec.num_slots, max_seq_len=spec.max_seq_len)
+        use_graphs = graphs_pay(self.stage)
+        self.cache: KVCache = self.stage.new_cache(num_slots=spec.num_slots, max_seq_len=spec.max_seq_len,
+                                                   spare_slots=1 if use_graphs else 0)
+        self.graphs = DecodeGraphs(self.stage, self.cache) if use_graphs else None
 
     def run(self, slots: list[int], starts: list[int], lengths: list[int], x: torch.Tensor) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.handles(lengths):
+            return self.graphs.run(slots, starts, x.to(self.stage.device))
         meta = self.stage.make_meta(slots, starts, lengths)
         return self.stage(x.to(self.stage.device), meta, self.cache)
 

@@ -53,7 +53,8 @@ SYSTEMS = ("copy", "hf", "engine", "cluster1", "cluster2")
 MODEL_SYSTEMS = SYSTEMS[1:]
 COPY_REPEATS = 10
 PROMPT_SEED = 1234
-CLUSTER_START_S = 600.0
+CLUSTER_START_S = 300.0
+CLIENT_TIMEOUT_S = 300.0  # one whole generation
 GIB = 1 << 30
 
 
@@ -266,7 +267,7 @@ class ClusterSystem:
         self.cluster.start(timeout_s=CLUSTER_START_S)  # stops what it started if it fails
         self.clients: list[Any] = []
         try:
-            self.clients = [TensorfleetClient(self.cluster.address, timeout=600) for _ in range(batch)]
+            self.clients = [TensorfleetClient(self.cluster.address, timeout=CLIENT_TIMEOUT_S) for _ in range(batch)]
             self.stages = len(self.clients[0].status().stages)
             if self.stages != nodes:
                 raise BenchError(f"the cluster placed {self.stages} stages, not {nodes}")
@@ -294,7 +295,7 @@ class ClusterSystem:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(CLIENT_TIMEOUT_S + 30)
         failed = [s for s in spans if not isinstance(s, tuple)]
         if failed:
             raise failed[0] if isinstance(failed[0], BaseException) else BenchError("a client thread hung")

@@ -1,0 +1,82 @@
+"""The CUDA-graph decode path (engine/graphs.py). On CPU its padded, static-shaped step runs eagerly
+(``capture=False``): logits and the keys/values it writes must equal the ordinary eager step's, padding rows
+must touch only the spare slot. On CUDA (``gpu``): captured graphs give the eager path's greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.graphs import DecodeGraphs, bucket, context_buckets
+from engine.stage import StageModel
+from tests.engine.reference import make_random_model
+
+PROMPTS = [[5, 9, 2, 7], [11, 3], [8, 8, 1, 4, 6, 2, 9], [3]]
+
+
+@pytest.fixture(scope="module", params=["llama-gqa-tied", "mistral-window", "qwen2-bias"])
+def model_dir(request, tmp_path_factory) -> Path:  # noqa: ANN001
+    return make_random_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def prefill(stage: StageModel, cache, rows: list[int]) -> None:  # noqa: ANN001 - KVCache
+    for slot in rows:
+        ids = torch.tensor(PROMPTS[slot])
+        stage(ids, stage.make_meta([slot], [0], [len(ids)]), cache)
+
+
+def test_buckets() -> None:
+    assert [bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert context_buckets(512) == (64, 128, 256, 512) and context_buckets(100) == (64, 100)
+    with pytest.raises(ValueError, match="exceeds"):
+        bucket(9, (1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("rows", [[0], [2, 0, 3], [0, 1, 2, 3]])
+def test_static_decode_equals_the_eager_step(model_dir: Path, rows: list[int]) -> None:
+    stage = StageModel.from_pretrained(model_dir)
+    eager_cache = stage.new_cache(num_slots=6, max_seq_len=96)
+    graph_cache = stage.new_cache(num_slots=6, max_seq_len=96, spare_slots=1)
+    prefill(stage, eager_cache, rows)
+    prefill(stage, graph_cache, rows)
+    graphs = DecodeGraphs(stage, graph_cache, capture=False)
+    starts = [len(PROMPTS[r]) for r in rows]
+    tokens = torch.tensor([r + 20 for r in rows])
+    for step in range(3):  # several steps: the second reads what the first wrote
+        want = stage(tokens, stage.make_meta(rows, starts, [1] * len(rows)), eager_cache)
+        got = graphs.run(rows, starts, tokens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tokens = want.argmax(-1)
+        starts = [s + 1 for s in starts]
+    spec = eager_cache.spec
+    torch.testing.assert_close(graph_cache.k[:, :spec.num_slots], eager_cache.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graph_cache.v[:, :spec.num_slots], eager_cache.v, rtol=1e-5, atol=1e-5)
+    padded = bucket(len(rows), graphs.batch_buckets) > len(rows)
+    assert (graph_cache.k[:, spec.num_slots].abs().sum() > 0) == padded  # padding rows write the spare only
+    assert list(graphs.graphs) == [(bucket(len(rows), graphs.batch_buckets), 64)]
+
+
+def test_the_spare_slot_is_required(model_dir: Path) -> None:
+    stage = StageModel.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="spare slot"):
+        DecodeGraphs(stage, stage.new_cache(num_slots=2, max_seq_len=32))
+
+
+@pytest.mark.gpu
+def test_captured_graphs_give_the_eager_tokens(tmp_path: Path) -> None:
+    from engine.llm import LLM, EngineConfig
+    from engine.sampling import SamplingParams
+
+    model = make_random_model("llama-gqa-tied", tmp_path / "m")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outs = {}
+    for graphs in (False, True):
+        llm = LLM(EngineConfig(model=str(model), dtype="bfloat16", device="cuda", num_slots=4, max_seq_len=128,
+                               cuda_graphs=graphs), load_tokenizer=False)
+        outs[graphs] = [o.token_ids for o in llm.generate(prompts, params)]
+        if graphs:
+            assert llm.graphs is not None and llm.graphs[0].replays >= 20
+    assert outs[True] == outs[False]
