@@ -210,19 +210,25 @@ def _static_decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: 
     """Decode attention with no host work (CUDA graphs): q [B, heads, d] -> [B, heads, d].
 
     Each row reads ``decode_kv_len`` keys of its slot; keys past its position (or outside its sliding
-    window) are masked on the device. Scores and softmax in fp32, as the reference's eager attention."""
-    mask = meta.extras.get("static_decode_mask")
-    if mask is None:  # built once per step (and recorded once in a graph), shared by every layer
+    window) get a -inf bias, built on the device once per step. Scores in the storage dtype with the
+    softmax in fp32, as the reference's eager attention; four kernels besides the reads."""
+    rows, heads, dim = q.shape
+    bias = meta.extras.get("static_decode_bias")
+    if bias is None:  # built once per step (and recorded once in a graph), shared by every layer
         keys = torch.arange(meta.decode_kv_len, device=q.device)
         query = meta.positions.unsqueeze(1)  # [B, 1]
-        mask = keys <= query
+        allowed = keys <= query
         if meta.sliding_window is not None:
-            mask &= keys > query - meta.sliding_window
-        mask = meta.extras["static_decode_mask"] = mask[:, None, None, :]  # [B, 1, 1, L]
+            allowed &= keys > query - meta.sliding_window
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        bias = meta.extras["static_decode_bias"] = bias[:, None, None, :]  # [B, 1, 1, L]
     keys, values = cache.read(layer, meta.decode_slots, meta.decode_kv_len)  # [B, kv_heads, L, d]
-    rows, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # query heads grouped by the kv head they share
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (scale if scale is not None else dim ** -0.5)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)  # [B, kv_heads, g, L]
-    return torch.matmul(probs, values).view(rows, heads, dim).to(q.dtype)
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    flat = rows * kv_heads
+    qg = q.reshape(flat, group, dim)  # query heads grouped by the kv head they share (q is a strided view)
+    scores = torch.baddbmm(bias.expand(rows, kv_heads, group, length).reshape(flat, group, length), qg,
+                           keys.reshape(flat, length, dim).transpose(1, 2),
+                           alpha=scale if scale is not None else dim ** -0.5)  # [B * kv_heads, g, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.bmm(probs, values.reshape(flat, length, dim)).view(rows, heads, dim)
