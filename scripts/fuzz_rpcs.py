@@ -17,6 +17,10 @@ longer serves a generation after an RPC's cases.
 
     .venv/bin/python scripts/fuzz_rpcs.py --examples 20000
     .venv/bin/python scripts/fuzz_rpcs.py --rpcs Forward,Probe --examples 5000 --seed 7
+    .venv/bin/python scripts/fuzz_rpcs.py --http --examples 20000      # the HTTP endpoints instead
+
+``--http`` fuzzes the coordinator's HTTP endpoints (tests/security/http_fuzz.py; ``--endpoints`` to
+choose; with ``--coordinator``, ``--http-url`` says where its HTTP API is) instead of the RPCs.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT / "proto"))
 
 from hypothesis import HealthCheck, Phase, example, given, seed, settings  # noqa: E402
 
-from tests.security import fuzz  # noqa: E402
+from tests.security import fuzz, http_fuzz  # noqa: E402
 
 PROGRESS_S = 10.0
 
@@ -53,12 +57,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     p.add_argument("--workdir", default=None, help="for the local cluster (default: a temporary directory)")
     p.add_argument("--show", type=int, default=20, help="improper outcomes listed (default 20)")
+    p.add_argument("--http", action="store_true", help="fuzz the HTTP endpoints instead of the RPCs")
+    p.add_argument("--endpoints", default=",".join(http_fuzz.ENDPOINTS),
+                   help="with --http, comma-separated (default: all: %(default)s)")
+    p.add_argument("--http-url", default=None, help="with --coordinator: its HTTP API (default http://HOST:8000)")
     p.add_argument("--details", type=int, default=0, metavar="N",
                    help="also list each RPC's N most frequent status details")
     args = p.parse_args(argv)
     unknown = [r for r in args.rpcs.split(",") if r not in fuzz.RPCS]
     if unknown:
         p.error(f"unknown RPC(s) {unknown}; known: {', '.join(fuzz.RPCS)}")
+    bad = [e for e in args.endpoints.split(",") if e not in http_fuzz.ENDPOINTS]
+    if bad:
+        p.error(f"unknown endpoint(s) {bad}; known: {', '.join(http_fuzz.ENDPOINTS)}")
     if args.examples < 1:
         p.error("--examples must be >= 1")
     return args
@@ -94,6 +105,43 @@ def fuzz_rpc(h: fuzz.Harness, name: str, examples: int, seed_value: int | None) 
     return h.wait_serving()
 
 
+def fuzz_endpoint(h: fuzz.Harness, tally: http_fuzz.Tally, endpoint: str, examples: int,
+                  seed_value: int | None) -> str:
+    """Run ``examples`` requests to ``endpoint``; returns what is wrong with the cluster afterwards."""
+    model = h.status().model
+    secrets = http_fuzz.Secrets(api_key=h.api_key, join_token=h.join_token)
+    started = last = time.monotonic()
+    done = [0, 0]  # requests, improper
+
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=http_fuzz.cases(endpoint, model, secrets))
+    def one_request(case: http_fuzz.Case) -> None:
+        nonlocal last
+        reason = tally.add(case, http_fuzz.perform(h.http_url, case, timeout=h.timeout))
+        if reason is None and h.dead():
+            tally.problems.append((f"process(es) died: {', '.join(h.dead())}", repr(case)))
+        done[0] += 1
+        done[1] += reason is not None
+        if time.monotonic() - last > PROGRESS_S:
+            last = time.monotonic()
+            log(f"{endpoint}: {done[0]}/{examples} requests in {last - started:.0f} s, {done[1]} improper")
+
+    if seed_value is not None:
+        one_request = seed(seed_value)(one_request)
+    one_request()
+    took = time.monotonic() - started
+    log(f"{endpoint}: {done[0]} requests in {took:.1f} s, {done[1]} improper; checking that the cluster serves")
+    return h.wait_serving()
+
+
+def report_http(tally: http_fuzz.Tally, args: argparse.Namespace) -> None:
+    for endpoint, counts in tally.counts.items():
+        print(f"{endpoint}: {sum(counts.values())} requests: {dict(sorted(counts.items()))}")
+        for count, status, message in tally.common_details(endpoint, args.details):
+            print(f"  {count:6d}  {status}  {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cluster = None
@@ -112,21 +160,27 @@ def main(argv: list[str] | None = None) -> int:
         if not api_key or not join_token:
             log("the API key and the join token are needed (--api-key/--join-token or the environment)")
             return 2
-        h = fuzz.Harness(args.coordinator, api_key=api_key, join_token=join_token, timeout=args.timeout)
+        host = args.coordinator.rsplit(":", 1)[0]
+        h = fuzz.Harness(args.coordinator, api_key=api_key, join_token=join_token, timeout=args.timeout,
+                         http_url=args.http_url or f"http://{host}:8000")
     else:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="tensorfleet-fuzz-"))
         log(f"starting a local cluster in {work}")
         cluster = fuzz.local_cluster(work).start()
         h = fuzz.Harness(cluster.address, api_key=cluster.api_key, join_token=cluster.secrets.join_token,
-                         procs=cluster.procs, expected_exits=cluster.expected_exits, timeout=args.timeout)
+                         procs=cluster.procs, expected_exits=cluster.expected_exits, timeout=args.timeout,
+                         http_url=cluster.http_url)
     broken = []
+    http_tally = http_fuzz.Tally()
     try:
         problem = h.wait_serving()
         if problem:
             log(f"the cluster does not serve: {problem}")
             return 1
-        for name in args.rpcs.split(","):
-            problem = fuzz_rpc(h, name, args.examples, args.seed)
+        names = args.endpoints.split(",") if args.http else args.rpcs.split(",")
+        for name in names:
+            problem = (fuzz_endpoint(h, http_tally, name, args.examples, args.seed) if args.http
+                       else fuzz_rpc(h, name, args.examples, args.seed))
             if problem:
                 broken.append(f"after {name}: {problem}")
                 log(f"the cluster does not serve after {name}: {problem}")
@@ -135,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         h.close()
         if cluster is not None:
             cluster.stop()
-    print(h.tally.table())
+    if args.http:
+        report_http(http_tally, args)
+    else:
+        print(h.tally.table())
     for name in h.tally.counts if args.details else ():
         print(f"\n{name}:")
         for count, code, details in h.tally.common_details(name, args.details):
             print(f"  {count:6d}  {code:<22} {details}")
-    problems = h.tally.problems
+    problems = h.tally.problems + http_tally.problems
     if problems:
         print(f"\n{len(problems)} improper outcome(s); the first {min(len(problems), args.show)}:")
         for reason, case in problems[:args.show]:
