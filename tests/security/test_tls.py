@@ -69,3 +69,24 @@ def test_node_servers_need_the_cluster_certificate(cluster: LocalCluster) -> Non
             assert reply.received_bytes == 10
     with grpc.insecure_channel(cluster.address) as channel, pytest.raises(grpc.RpcError):
         _check(channel)
+
+
+def test_the_http_api_serves_https_only(cluster: LocalCluster) -> None:
+    """With --tls the HTTP API is HTTPS with the cluster's certificate: a client that trusts the CA is
+    served, a plaintext HTTP request is not (no answer, or an error)."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    assert cluster.http_url.startswith("https://")
+    trusting = ssl.create_default_context(cafile=str(Path(cluster.tls_dir) / "ca.pem"))
+    request = urllib.request.Request(cluster.http_url + "/v1/models",
+                                     headers={"authorization": f"Bearer {cluster.api_key}"})
+    with urllib.request.urlopen(request, timeout=10, context=trusting) as r:
+        assert json.loads(r.read())["data"][0]["object"] == "model"
+    with pytest.raises(urllib.error.URLError):  # the certificate is not trusted by default
+        urllib.request.urlopen(request, timeout=10)
+    plain = "http://" + cluster.http_url.removeprefix("https://")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(plain + "/health", timeout=10)
