@@ -138,6 +138,9 @@ def _announce_secrets(coordinator) -> None:  # noqa: ANN001 - coordinator.server
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine.logs import dump_stacks_on_signal
+
+    dump_stacks_on_signal()
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -49,3 +49,13 @@ def _json_line(now: float, tag: str, msg: str, level: str, fields: dict[str, obj
         record[f"{key}_" if key in _CORE else key] = value  # a field never hides the line's own keys
     # default=str: an odd value (a Path, an enum) is written as text rather than losing the line.
     return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def dump_stacks_on_signal() -> None:
+    """``kill -USR1 PID`` writes every thread's Python stack to stderr (the process's log): how to see
+    where a hung process waits. Processes of a cluster call this at start."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)

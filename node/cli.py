@@ -143,6 +143,9 @@ def leave(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine.logs import dump_stacks_on_signal
+
+    dump_stacks_on_signal()
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

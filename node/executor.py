@@ -27,7 +27,7 @@ from engine.codecs import Codec
 from engine.config import ModelConfig
 from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache
-from engine.logs import log_line
+from engine.logs import dump_stacks_on_signal, log_line
 from engine.parallel import TPGroup
 from engine.sampling import sample
 from engine.stage import StageModel, parse_dtype
@@ -347,6 +347,7 @@ def executor_main(spec: ExecutorSpec, events, control=None, *, watch_parent: boo
     _control_loop)."""
     if watch_parent:
         _exit_with_parent()
+    dump_stacks_on_signal()
     try:
         if spec.threads:
             torch.set_num_threads(spec.threads)

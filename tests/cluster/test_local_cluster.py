@@ -177,7 +177,7 @@ def test_executors_exit_when_their_node_daemon_is_killed(tmp_path: Path) -> None
     from tests.engine.reference import make_random_model
 
     model = make_random_model("llama-gqa-tied", tmp_path / "m")
-    nodes = [NodeSpec(standby=False, devices="cpu:2", model_dir=str(model))]
+    nodes = [NodeSpec(devices="cpu:2", model_dir=str(model))]  # with the standby executor: it must exit too
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes,
                       coordinator_args=["--slots", "2", "--max-seq-len", "64"]) as c:
         daemon = c.procs["node0"]
