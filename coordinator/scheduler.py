@@ -273,11 +273,11 @@ class Scheduler:
 
     def _send(self, step: list[tuple[Request, int]], submit_fn, epoch: int, generation: int) -> None:  # noqa: ANN001
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
-        for req, n in step:
-            msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
-                              token_ids=req.next_tokens(n), sampling=sampling_to_proto(req.params),
-                              seed=req.seed)
-        try:
+        try:  # nothing may end this thread: a step that cannot be built or sent fails like any other
+            for req, n in step:
+                msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
+                                  token_ids=req.next_tokens(n), sampling=sampling_to_proto(req.params),
+                                  seed=req.seed)
             future = submit_fn(msg)
         except Exception as e:  # noqa: BLE001 - reported like a failed step
             future = Future()

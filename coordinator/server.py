@@ -305,6 +305,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if len(ids) + params.max_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                              f"max_seq_len={self.config.max_seq_len}")

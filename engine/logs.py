@@ -57,5 +57,9 @@ def dump_stacks_on_signal() -> None:
     import faulthandler
     import signal
 
-    if hasattr(signal, "SIGUSR1"):
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (ValueError, OSError, AttributeError):  # stderr is no file (captured, redirected in-process)
+        pass

@@ -50,8 +50,8 @@ class SamplingParams:
         t = self.temperature
         if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
             raise ConfigError(f"temperature={t!r} must be a finite number >= 0 (0 means greedy)")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOKEN_ID:
+            raise ConfigError(f"top_k={self.top_k!r} must be an integer in 0..{MAX_TOKEN_ID} (0 turns it off)")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not (isinstance(self.min_p, int | float) and 0 <= self.min_p < 1):
@@ -69,8 +69,8 @@ class SamplingParams:
             raise ConfigError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids and {MAX_STOPS} stop strings "
                               f"(got {len(self.stop_token_ids)} and {len(self.stop)})")
         for tid in self.stop_token_ids:
-            if not _is_int(tid) or tid < 0:
-                raise ConfigError(f"stop_token_ids contains {tid!r}; token ids are integers >= 0")
+            if not _is_int(tid) or not 0 <= tid <= MAX_TOKEN_ID:
+                raise ConfigError(f"stop_token_ids contains {tid!r}; token ids are integers in 0..{MAX_TOKEN_ID}")
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
                 raise ConfigError(f"stop contains {s[:40]!r}...; stop strings must be non-empty str of at most "
@@ -84,6 +84,7 @@ class SamplingParams:
 
 # Bounds on what one request may ask for (each stop string is matched against the text after every token).
 MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 64
+MAX_TOKEN_ID = 2**31 - 1  # what the wire's int32 token ids hold (a model's own vocabulary is checked too)
 
 
 def _is_int(x: object) -> bool:

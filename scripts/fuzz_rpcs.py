@@ -127,6 +127,8 @@ def fuzz_endpoint(h: fuzz.Harness, tally: http_fuzz.Tally, endpoint: str, exampl
             last = time.monotonic()
             log(f"{endpoint}: {done[0]}/{examples} requests in {last - started:.0f} s, {done[1]} improper")
 
+    for known in http_fuzz.known_cases(endpoint, model, secrets):  # what the fuzzing found once
+        one_request = example(case=known)(one_request)
     if seed_value is not None:
         one_request = seed(seed_value)(one_request)
     one_request()

@@ -449,3 +449,26 @@ def test_requests_that_never_got_a_slot_are_logged_once(capsys: pytest.CaptureFi
     assert [(x["request_id"], x["finish_reason"]) for x in finished] == [("w-cancelled", "cancelled"),
                                                                        ("w-expired", "error")]
     assert "no nodes" in finished[1]["error"]
+
+
+def test_a_step_that_cannot_be_built_fails_its_requests_and_the_scheduler_goes_on(
+        scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a step once raised in the scheduler's thread (a number the wire cannot hold): the thread
+    died and every later request hung. Now the step fails like any other and the next request runs."""
+    import coordinator.scheduler as sched
+
+    real = sched.sampling_to_proto
+
+    def picky(params: SamplingParams):  # noqa: ANN202
+        if params.max_tokens == 7:
+            raise ValueError("Value out of range: 10102149698498164")
+        return real(params)
+
+    monkeypatch.setattr(sched, "sampling_to_proto", picky)
+    scheduler.set_pipeline(FakePipeline(), epoch=1, num_slots=1)
+    bad, good = request("bad", max_tokens=7), request("good", max_tokens=2)
+    scheduler.submit(bad)
+    last = collect(bad)[-1]
+    assert last.finish_reason == "error" and "out of range" in last.error
+    scheduler.submit(good)
+    assert collect(good)[-1].finish_reason == "length"

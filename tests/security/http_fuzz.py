@@ -228,6 +228,21 @@ def cases(draw: Callable, endpoint: str, model: str, secrets: Secrets) -> Case:
     return Case(endpoint, method, path, tuple(headers), body, declared, note)
 
 
+def known_cases(endpoint: str, model: str, secrets: Secrets) -> list[Case]:
+    """Requests the fuzzing once found a problem with: always tried first. Numbers past the wire's int32
+    and uint32 fields used to pass validation and kill the scheduler's thread when it built the step
+    (every later request hung)."""
+    if endpoint not in ("completions", "chat"):
+        return []
+    method, path = ENDPOINTS[endpoint]
+    headers = (("authorization", f"Bearer {secrets.api_key}"), ("content-type", "application/json"))
+    prompt = {"prompt": "hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    bodies = [{"model": model, "max_tokens": 4, **prompt, "stop_token_ids": [10102149698498164, 34, 0]},
+              {"model": model, "max_tokens": 4, **prompt, "top_k": 2**40},
+              {"model": model, "max_tokens": 4, **prompt, "stop_token_ids": [2**31 - 1]}]
+    return [Case(endpoint, method, path, headers, _encode(b), None, "known") for b in bodies]
+
+
 def perform(base_url: str, case: Case, *, timeout: float = 10.0) -> Outcome:
     """Send ``case`` on a fresh connection and read the whole answer (or note why there was none)."""
     url = urllib.parse.urlsplit(base_url)

@@ -89,6 +89,8 @@ def test_fuzz_http(harness: fuzz.Harness, endpoint: str) -> None:
         assert reason is None, f"{reason}\n{case!r}"
         assert not harness.dead(), f"process(es) died after {case!r}"
 
+    for known in http_fuzz.known_cases(endpoint, model, secrets):  # what the fuzzing found once
+        one_request = example(case=known)(one_request)
     one_request()
     counts = tally.counts[endpoint]
     print(f"\n{endpoint}: {sum(counts.values())} requests: {dict(sorted(counts.items()))}")
