@@ -26,7 +26,7 @@ PROMPTS = [
     "Give me a synonym for happy.",
     "Translate 'good morning' into Spanish.",
 ]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")

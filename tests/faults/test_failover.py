@@ -27,7 +27,7 @@ from tensorfleet.v1 import common_pb2, node_pb2
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
            "Name a famous painter."]
-COUNT, TOKENS = 16, 24
+COUNT, TOKENS = 16, 16
 SEEDED = range(8, 16)
 REPO = Path(__file__).resolve().parents[2]
 

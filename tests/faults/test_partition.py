@@ -23,7 +23,7 @@ reason = netns_unavailable()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"network namespaces: {reason}")
 
 PROMPTS = ["Write a haiku about the sea.", "Name a famous painter.", "What is 12 times 12?"]
-COUNT, TOKENS = 16, 24
+COUNT, TOKENS = 16, 16
 
 
 def run(cluster: LocalCluster, tag: str) -> StreamingWorkload:
