@@ -39,6 +39,7 @@ from coordinator.logs import log
 from coordinator.scheduler import Event, Request
 from engine.errors import TensorfleetError
 from engine.sampling import SamplingParams
+from node.security import presented
 
 MAX_BODY_BYTES = 4 << 20  # as the gRPC receive limit (node/stream.py CONTROL_SERVER_OPTIONS)
 MAX_REQUEST_ID_CHARS = 128
@@ -244,6 +245,12 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _bearer(http: HttpRequest) -> str | None:
+    """The API key of ``Authorization: Bearer KEY``, parsed as the gRPC guard parses it."""
+    key = presented(http.headers.items())
+    return key.strip() or None if key is not None else None
+
+
 def _finish(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
 
@@ -276,9 +283,7 @@ class HttpApi:
 
     # --------------------------------------------------------------------------------- plumbing
     def authorize(self, http: HttpRequest) -> None:
-        header = http.headers.get("authorization", "")
-        secret = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-        refused = self.coordinator.client_check(secret)
+        refused = self.coordinator.client_check(_bearer(http))
         if refused is not None:
             self.coordinator.metrics.reject("http", "unauthenticated")
             code, message = refused
@@ -289,9 +294,7 @@ class HttpApi:
     def client_identity(self, http: HttpRequest) -> str:
         from coordinator.server import identity
 
-        header = http.headers.get("authorization", "")
-        key = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-        return identity(key, http.client.host if http.client else "")
+        return identity(_bearer(http), http.client.host if http.client else "")
 
     def _check_model(self, name: str) -> None:
         if name != self.coordinator.model_name:
