@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "pays only where a group's ranks share a slow network")
     start.add_argument("--tp-codec-min-elements", type=int, default=0, metavar="N",
                        help="all-reduces of fewer elements stay exact (default 0: 65536, engine/collectives.py)")
+    start.add_argument("--tp-across-nodes", action="store_true",
+                       help="let a tensor-parallel group take devices of several nodes (e.g. node daemons given "
+                            "one GPU each on one host, or hosts on a fast fabric); its ranks meet through the "
+                            "leading node's rendezvous store, and gloo/NCCL between them is not authenticated")
     return parser
 
 
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                                    heartbeat_timeout_ms=args.heartbeat_timeout_ms,
                                    capacity_wait_s=args.capacity_wait, codec=args.codec,
                                    codec_min_tokens=args.codec_min_tokens, tp_codec=args.tp_codec,
-                                   tp_codec_min_elements=args.tp_codec_min_elements, state_dir=args.state_dir,
+                                   tp_codec_min_elements=args.tp_codec_min_elements,
+                                   tp_across_nodes=args.tp_across_nodes, state_dir=args.state_dir,
                                    client_auth=not args.no_auth, tls_dir=args.tls,
                                    http_port=None if args.no_http else args.http_port)
         server, coordinator = serve(config)

@@ -17,7 +17,8 @@ Cost model (all estimates, per decode token at small batch):
 Search: for a bound T on stage time every unit can take a known number of layers in each role (first
 stage: also the embedding; last: also the head), so choosing disjoint units whose capacities cover all
 layers is a small dynamic program over devices (TP groups are windows of a node's devices sorted by
-speed). A binary search over the candidate times finds the least T for each stage count.
+speed; with ``span_nodes``, windows of all the cluster's devices of a kind, ordered by node, so that a
+group may take the devices of several nodes). A binary search over the candidate times finds the least T for each stage count.
 """
 
 from __future__ import annotations
@@ -213,26 +214,31 @@ def _validate(devices: Sequence[DeviceCapacity], max_tp: int | None) -> None:
         raise PlacementError("the cluster cannot hold the model: it has no devices")
 
 
-def _candidate_units(devices: Sequence[DeviceCapacity], model: ModelProfile,
-                     max_tp: int | None) -> tuple[list[_Unit], list[list[int]]]:
+def _group_key(d: DeviceCapacity, span_nodes: bool) -> tuple[str, ...]:
+    """Devices of one key may form a TP group: one node's devices of a kind, or a kind's (``span_nodes``)."""
+    return (d.kind,) if span_nodes else (d.node_id, d.kind)
+
+
+def _candidate_units(devices: Sequence[DeviceCapacity], model: ModelProfile, max_tp: int | None,
+                     span_nodes: bool = False) -> tuple[list[_Unit], list[list[int]]]:
     """All units, and for each device position the indices of the units that start there.
 
-    Devices line up by (node, kind), fastest first within a group, so a TP unit is a window of similar
-    devices; windows never cross a group.
+    Devices line up by group (_group_key), fastest first within a node, so a TP unit is a window of
+    similar devices; windows never cross a group.
     """
-    groups: dict[tuple[str, str], list[DeviceCapacity]] = {}
+    groups: dict[tuple[str, ...], list[DeviceCapacity]] = {}
     for d in devices:
-        groups.setdefault((d.node_id, d.kind), []).append(d)
+        groups.setdefault(_group_key(d, span_nodes), []).append(d)
     units: list[_Unit] = []
     starts: list[list[int]] = []
     for group_key in sorted(groups):
-        group = sorted(groups[group_key], key=lambda d: (-d.memory_bandwidth, -d.matmul_flops,
-                                                         -d.free_memory_bytes, d.device_index))
+        group = sorted(groups[group_key], key=lambda d: (d.node_id if span_nodes else "", -d.memory_bandwidth,
+                                                         -d.matmul_flops, -d.free_memory_bytes, d.device_index))
         for i in range(len(group)):
             here = []
             for t in range(1, len(group) - i + 1):
                 if t == 1 or (model.valid_tp(t) and (max_tp is None or t <= max_tp)):
-                    units.append(_Unit(sorted(group[i:i + t], key=lambda d: d.device_index), model))
+                    units.append(_Unit(sorted(group[i:i + t], key=lambda d: (d.node_id, d.device_index)), model))
                     here.append(len(units) - 1)
             starts.append(here)
     return units, starts
@@ -426,7 +432,7 @@ def _least_moves(model: ModelProfile, seq: Sequence[_Unit], max_cost: float,
 
 
 def _repairs(prefer: Plan, devices: Sequence[DeviceCapacity], units: list[_Unit], model: ModelProfile,
-             max_tp: int | None) -> list[list[_Unit]]:
+             max_tp: int | None, span_nodes: bool) -> list[list[_Unit]]:
     """The previous plan's surviving units in their order, alone and with one free unit put in where
     lost stages were."""
     by_key = {d.key: d for d in devices}
@@ -434,7 +440,7 @@ def _repairs(prefer: Plan, devices: Sequence[DeviceCapacity], units: list[_Unit]
     gaps: list[int] = []
     for s in prefer.stages:
         devs = [by_key.get(m) for m in s.members]
-        ok = (all(devs) and len(set(s.members)) == len(devs) and len({(d.node_id, d.kind) for d in devs}) == 1
+        ok = (all(devs) and len(set(s.members)) == len(devs) and len({_group_key(d, span_nodes) for d in devs}) == 1
               and (len(devs) == 1 or (model.valid_tp(len(devs)) and (max_tp is None or len(devs) <= max_tp))))
         if ok:
             survivors.append(_Unit(devs, model))
@@ -480,25 +486,27 @@ def _exactly(model: ModelProfile, units: list[_Unit], search: _Search, k: int) -
 
 
 def plan_placement(devices: Sequence[DeviceCapacity], model: ModelProfile, *, max_tp: int | None = None,
-                   prefer: Plan | None = None, num_stages: int | None = None) -> Plan:
+                   prefer: Plan | None = None, num_stages: int | None = None, span_nodes: bool = False) -> Plan:
     """The fastest placement of ``model`` on ``devices`` that fits in memory (see the module docstring).
 
     With ``prefer`` (the previous plan, e.g. after a failure), among plans within PREFER_TOLERANCE of the
     best step time the one that moves the fewest layers (to a different device set) wins.
     ``num_stages`` forces exactly that many stages (``prefer`` then picks among plans of that many).
+    ``span_nodes`` lets a tensor-parallel group take devices (of one kind) of several nodes; the cost model
+    does not price the network between them, so it is for nodes that share a host or a fast fabric.
     Raises PlacementError when nothing fits, ValueError on invalid input.
     """
     _validate(devices, max_tp)
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"num_stages={num_stages} must be >= 1")
-    units, starts = _candidate_units(devices, model, max_tp)
+    units, starts = _candidate_units(devices, model, max_tp, span_nodes)
     search = _Search(units, starts, model)
     if num_stages is not None:
         best = _exactly(model, units, search, num_stages)
         if prefer is None:
             return best
         owners = _owners(prefer, model.num_layers)
-        orders = [seq for seq in _repairs(prefer, devices, units, model, max_tp) if len(seq) == num_stages]
+        orders = [seq for seq in _repairs(prefer, devices, units, model, max_tp, span_nodes) if len(seq) == num_stages]
         max_cost = best.est_step_time_s * (1 + PREFER_TOLERANCE)
         options = [best] + [p for seq in orders if (p := _least_moves(model, seq, max_cost, owners)) is not None]
         return min(options, key=lambda p: (_moves(p, owners), p.est_step_time_s))
@@ -512,7 +520,7 @@ def plan_placement(devices: Sequence[DeviceCapacity], model: ModelProfile, *, ma
     owners = _owners(prefer, model.num_layers)
     by_keys = {u.keys: u for u in units}
     orders = [[by_keys[s.members] for s in p.stages] for p in plans]
-    orders += _repairs(prefer, devices, units, model, max_tp)
+    orders += _repairs(prefer, devices, units, model, max_tp, span_nodes)
     max_cost = best.est_step_time_s * (1 + PREFER_TOLERANCE)
     options = [best] + [p for seq in orders if (p := _least_moves(model, seq, max_cost, owners)) is not None]
     return min(options, key=lambda p: (_moves(p, owners), p.est_step_time_s, len(p.stages)))

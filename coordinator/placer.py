@@ -300,49 +300,56 @@ class Placer:
     def _plan(self, devices: list, profile: Any, *, prefer: Any) -> Any:
         from coordinator.placement import PlacementError, plan_placement
 
+        span = self.config.tp_across_nodes
         try:
-            return plan_placement(devices, profile, num_stages=self.config.num_stages, prefer=prefer)
+            return plan_placement(devices, profile, num_stages=self.config.num_stages, prefer=prefer, span_nodes=span)
         except PlacementError:
             if self.config.num_stages is None or self.plan is None:
                 raise
             # After a failure the operator's stage count may no longer fit: the planner's choice does.
-            return plan_placement(devices, profile, prefer=prefer)
+            return plan_placement(devices, profile, prefer=prefer, span_nodes=span)
 
     def _load_stages(self, plan: Any, by_id: dict[str, Member], epoch: int, num_slots: int,
                      capacities: list, data_key: str) -> list[coordinator_pb2.StageInfo]:
-        """LoadStage on every stage's node, last stage first (each needs the next one's address)."""
+        """LoadStage on every stage's nodes, last stage first (each needs the next one's address). A stage
+        whose tensor-parallel group spans nodes loads on all of them at once: their ranks meet in the
+        store of the node holding rank 0 (its NodeInfo.store_port), which then leads the stage."""
         infos, next_address = [], ""
         for index in range(len(plan.stages) - 1, -1, -1):
             sp = plan.stages[index]
-            node_ids = {n for n, _ in sp.members}
-            if len(node_ids) != 1:
-                raise TensorfleetError("stages spanning nodes are not supported yet")
-            member = by_id[next(iter(node_ids))]
-            member.state = coordinator_pb2.NODE_STATE_LOADING
-            req = node_pb2.LoadStageRequest(
+            leader = by_id[sp.members[0][0]]
+            nodes = list(dict.fromkeys(n for n, _ in sp.members))  # rank order: the leader first
+            group = node_pb2.TensorParallelGroup(world_size=len(sp.members))
+            if len(nodes) > 1:
+                if not leader.info.store_port:
+                    raise _LoadRefused(leader.node_id, f"{leader.node_id} serves no rendezvous store (an older "
+                                                       f"node?): it cannot lead a group spanning nodes")
+                host = leader.info.address.rpartition(":")[0]
+                group.store_address, group.store_prefix = f"{host}:{leader.info.store_port}", secrets.token_hex(8)
+                group.members.extend(f"{n}/{d}" for n, d in sp.members)
+            base = node_pb2.LoadStageRequest(
                 epoch=common_pb2.PlacementEpoch(value=epoch), model=self.model_name, stage_index=index,
                 num_stages=len(plan.stages), layers=common_pb2.LayerRange(start=sp.start, end=sp.end),
-                dtype=dtype_to_proto(self.dtype), group=node_pb2.TensorParallelGroup(world_size=len(sp.members)),
-                local_ranks=[node_pb2.LocalRank(device_index=d, tp_rank=r) for r, (_, d) in enumerate(sp.members)],
-                num_slots=num_slots, max_seq_len=self.config.max_seq_len,
-                next_stage_address=next_address, weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED,
-                codec=self.config.codec if next_address else "", codec_min_tokens=self.config.codec_min_tokens,
-                tp_codec=self.config.tp_codec, tp_codec_min_elements=self.config.tp_codec_min_elements,
-                data_key=data_key)
-            try:
-                resp = member.stub.LoadStage(req, timeout=LOAD_TIMEOUT_S)
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise _LoadFailed(member.node_id, f"{member.node_id} failed while loading stage {index}: "
-                                                      f"{e.code().name}") from e
-                member.state = coordinator_pb2.NODE_STATE_IDLE
-                raise _LoadRefused(member.node_id, f"{member.node_id} could not load stage {index}: "
-                                                   f"{e.code().name}: {e.details()}") from e
-            member.state = coordinator_pb2.NODE_STATE_SERVING
+                dtype=dtype_to_proto(self.dtype), group=group, num_slots=num_slots,
+                max_seq_len=self.config.max_seq_len, next_stage_address=next_address,
+                weight_source=node_pb2.WEIGHT_SOURCE_UNSPECIFIED, codec=self.config.codec if next_address else "",
+                codec_min_tokens=self.config.codec_min_tokens, tp_codec=self.config.tp_codec,
+                tp_codec_min_elements=self.config.tp_codec_min_elements, data_key=data_key)
+            requests = {}
+            for node_id in nodes:
+                req = node_pb2.LoadStageRequest()
+                req.CopyFrom(base)
+                req.local_ranks.extend(node_pb2.LocalRank(device_index=d, tp_rank=r)
+                                       for r, (n, d) in enumerate(sp.members) if n == node_id)
+                requests[node_id] = req
+            responses = self._load_on(index, {n: by_id[n] for n in nodes}, requests)
+            resp = responses[leader.node_id]
             next_address = resp.stage_address
             infos.append(coordinator_pb2.StageInfo(
-                index=index, layers=req.layers, address=resp.stage_address, weight_bytes=resp.weight_bytes,
-                kv_cache_bytes=resp.kv_cache_bytes, num_slots=req.num_slots, slots_fit=capacities[index].slots_fit,
+                index=index, layers=base.layers, address=resp.stage_address,
+                weight_bytes=sum(r.weight_bytes for r in responses.values()),
+                kv_cache_bytes=sum(r.kv_cache_bytes for r in responses.values()), num_slots=num_slots,
+                slots_fit=capacities[index].slots_fit,
                 members=[coordinator_pb2.StageMember(node_id=n, device_index=d, tp_rank=r)
                          for r, (n, d) in enumerate(sp.members)]))
         planned = {n for s in plan.stages for n, _ in s.members}
@@ -350,6 +357,41 @@ class Placer:
             if member.node_id not in planned:
                 member.state = coordinator_pb2.NODE_STATE_IDLE
         return list(reversed(infos))
+
+    def _load_on(self, index: int, members: dict[str, Member], requests: dict[str, node_pb2.LoadStageRequest]
+                 ) -> dict[str, node_pb2.LoadStageResponse]:
+        """One stage's LoadStage on each of its nodes, concurrently (a group's ranks wait for each other);
+        raises the first node's failure (_LoadFailed, or _LoadRefused for an error answered)."""
+        results: dict[str, Any] = {}
+
+        def load(member: Member) -> None:
+            member.state = coordinator_pb2.NODE_STATE_LOADING
+            try:
+                results[member.node_id] = member.stub.LoadStage(requests[member.node_id], timeout=LOAD_TIMEOUT_S)
+                member.state = coordinator_pb2.NODE_STATE_SERVING
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    results[member.node_id] = _LoadFailed(
+                        member.node_id, f"{member.node_id} failed while loading stage {index}: {e.code().name}")
+                else:
+                    member.state = coordinator_pb2.NODE_STATE_IDLE
+                    results[member.node_id] = _LoadRefused(
+                        member.node_id, f"{member.node_id} could not load stage {index}: {e.code().name}: "
+                                        f"{e.details()}")
+
+        if len(members) == 1:
+            load(next(iter(members.values())))
+        else:
+            threads = [threading.Thread(target=load, args=(m,), name=f"load-{m.node_id}", daemon=True)
+                       for m in members.values()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for result in results.values():
+            if isinstance(result, _LoadFailed):
+                raise result
+        return results
 
     # ------------------------------------------------------------------------------------- drain
     def leave(self, key: str) -> Member:

@@ -71,6 +71,7 @@ class CoordinatorConfig:
     codec_min_tokens: int = defaults.CODEC_MIN_TOKENS  # smaller messages go uncompressed
     tp_codec: str = "exact"  # how tensor-parallel all-reduces are compressed (engine/collectives.py)
     tp_codec_min_elements: int = 0  # smaller all-reduces stay exact (0: engine/collectives.py's default)
+    tp_across_nodes: bool = False  # a tensor-parallel group may take devices of several nodes
     cache_dir: str | None = None
     state_dir: str | None = None  # join token, API keys (node/security.py); None: $TENSORFLEET_HOME, ~/.tensorfleet
     client_auth: bool = True  # clients need an API key (False: --no-auth, for local use)

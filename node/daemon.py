@@ -19,17 +19,20 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import torch.distributed as dist
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.errors import TensorfleetError
 from engine.logs import log_line
 from node.control import ControlPipe
-from node.executor import ExecutorSpec, executor_main, standby_main
+from node.executor import GROUP_FORM_TIMEOUT_S, MAX_GROUP, ExecutorSpec, executor_main, standby_main
 from node.security import Guard, add_port, add_reflection, open_channel, require, status_details, with_bearer
 from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS
 from node.telemetry import Telemetry
@@ -62,10 +65,14 @@ def log(msg: str) -> None:
     log_line("node", msg)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def split_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); ValueError if it is not one."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or ":" in host and not text.startswith("[") or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
 
 
 class NodeDaemon(node_pb2_grpc.NodeServicer):
@@ -94,6 +101,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.health = health.HealthServicer()
         self.standby: tuple | None = None  # (process, events queue, control pipe) of a started executor
         self.address = ""
+        self.store = None  # the rendezvous store of the groups this node leads (see start)
         # Executors wait on each other (pipeline stages sharing a host, tensor-parallel peers); libgomp's
         # default spin of 300k iterations after each parallel region then steals the cores of the stage
         # that computes (measured: 15 ms per pipeline hop on 2 cores, 1-4 ms with 2k-30k). A short spin
@@ -115,6 +123,11 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.server.start()
         self.address = f"{self.config.host}:{port}"
+        # Where the ranks of every tensor-parallel group this node leads meet (a group's ranks may run on
+        # other nodes): one store for the daemon's life, a fresh key prefix per load. Like the groups'
+        # gloo/NCCL traffic, it is not authenticated: tensor-parallel peers need a trusted network.
+        self.store = dist.TCPStore(self.config.host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=GROUP_FORM_TIMEOUT_S))
         self.info = self._node_info()
         reply = self._join(deadline_s=60.0)
         log(f"joined {self.config.coordinator} as {self.node_id} ({self.name}, {len(self.devices)} device(s)), "
@@ -233,7 +246,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                 free_memory_bytes=dev.free_memory_bytes, matmul_flops=result.matmul_flops,
                 memory_bandwidth_bytes_per_s=result.memory_bandwidth))
         return common_pb2.NodeInfo(name=self.name, address=self.address, devices=infos, version="0.1.0",
-                                   host_memory_bytes=host_memory()[0])
+                                   host_memory_bytes=host_memory()[0], store_port=self.store.port if self.store else 0)
 
     # ------------------------------------------------------------------------------------ LoadStage
     def LoadStage(self, request: node_pb2.LoadStageRequest, context: grpc.ServicerContext):  # noqa: N802
@@ -259,11 +272,22 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             raise ValueError("a stage needs at least one local rank")
         ranks = sorted(r.tp_rank for r in req.local_ranks)
         world = req.group.world_size or len(req.local_ranks)
-        if ranks != list(range(len(ranks))) or len({r.device_index for r in req.local_ranks}) != len(ranks):
-            raise ValueError(f"tensor-parallel ranks {ranks} must be 0..n-1 on distinct devices")
-        if world != len(req.local_ranks):
-            raise TensorfleetError(f"a tensor-parallel group of {world} spanning nodes is not supported yet "
-                                   f"(this node holds {len(req.local_ranks)} of its ranks)")
+        if (len(set(ranks)) != len(ranks) or ranks[-1] >= world
+                or len({r.device_index for r in req.local_ranks}) != len(ranks)):
+            raise ValueError(f"tensor-parallel ranks {ranks} must be distinct, below the group's world size "
+                             f"{world}, and on distinct devices")
+        if world > MAX_GROUP:
+            raise ValueError(f"a tensor-parallel group of {world} ranks is more than {MAX_GROUP}")
+        if world != len(req.local_ranks):  # a group spanning nodes: its ranks meet in the leader's store
+            if not req.group.store_address or not req.group.store_prefix:
+                raise ValueError(f"a tensor-parallel group of {world} with {len(req.local_ranks)} rank(s) here "
+                                 f"needs the leader's store address and a store prefix")
+            if len(req.group.members) != world:
+                raise ValueError(f"a group spanning nodes names its {world} members ({len(req.group.members)} "
+                                 f"given)")
+            split_address(req.group.store_address)
+        elif ranks != list(range(world)):
+            raise ValueError(f"tensor-parallel ranks {ranks} must be 0..{world - 1}")
         for r in req.local_ranks:
             if r.device_index >= len(self.devices):
                 raise ValueError(f"device index {r.device_index} does not exist on {self.name}")
@@ -282,11 +306,14 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             except TensorfleetError as e:
                 log(f"cannot move the running stage to epoch {req.epoch.value} ({e}): loading it anew")
         self._stop_executors()
-        world = len(req.local_ranks)
+        local, world = len(req.local_ranks), req.group.world_size or len(req.local_ranks)
         source, fetched = self._weights_for(req)
         kinds = {self.devices[r.device_index].kind for r in req.local_ranks}
         backend = req.group.backend or ("nccl" if kinds == {"cuda"} else "gloo")
-        port = free_port(self.config.host)
+        store_host, store_port = (split_address(req.group.store_address) if req.group.store_address
+                                  else (self.config.host, self.store.port))
+        prefix = f"{req.group.store_prefix or uuid.uuid4().hex}/epoch{req.epoch.value}/stage{req.stage_index}/"
+        leads = any(r.tp_rank == 0 for r in req.local_ranks)
         standby = self._take_standby() if world == 1 else None
         if standby is not None:
             proc, events, control = standby
@@ -298,8 +325,8 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
         for r in sorted(req.local_ranks, key=lambda r: r.tp_rank):
             dev = self.devices[r.device_index]
             spec = ExecutorSpec(rank=r.tp_rank, world=world, device="cpu" if dev.kind == "cpu" else f"cuda:{dev.index}",
-                                threads=dev.threads, store_host=self.config.host, store_port=port,
-                                store_prefix=f"epoch{req.epoch.value}/stage{req.stage_index}/", backend=backend,
+                                threads=dev.threads, store_host=store_host, store_port=store_port,
+                                store_prefix=prefix, backend=backend,
                                 start=req.layers.start, end=req.layers.end, dtype=_dtype_name(req.dtype),
                                 num_slots=req.num_slots, max_seq_len=req.max_seq_len, epoch=req.epoch.value,
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host,
@@ -317,14 +344,20 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
             procs.append(proc)
         with self.procs_lock:
             self.procs = procs
-        infos = self._wait_ready(events, world, procs)
-        log(f"stage {req.stage_index} (layers {req.layers.start}-{req.layers.end - 1}, tp={world}) ready at "
-            f"{infos[0]['address']} in {time.perf_counter() - started:.1f}s")
+        infos = self._wait_ready(events, local, procs)
+        address = infos[0]["address"] if leads else ""
+        where = f"ready at {address}" if leads else "ready (ranks " + ",".join(map(str, sorted(infos))) + ")"
+        log(f"stage {req.stage_index} (layers {req.layers.start}-{req.layers.end - 1}, tp={world}) {where} in "
+            f"{time.perf_counter() - started:.1f}s")
         response = node_pb2.LoadStageResponse(
             epoch=req.epoch, weight_bytes=sum(i["weight_bytes"] for i in infos.values()),
             kv_cache_bytes=sum(i["kv_cache_bytes"] for i in infos.values()),
-            load_seconds=time.perf_counter() - started, stage_address=infos[0]["address"], fetched_bytes=fetched)
-        self.control, self.stage_key, self.stage_response = ControlPipe(control), key, response
+            load_seconds=time.perf_counter() - started, stage_address=address, fetched_bytes=fetched)
+        # A group spanning nodes is never kept for a later epoch (stage_key None): each of its nodes would
+        # decide alone, and one that reloads would leave the others' ranks waiting in a dead group.
+        self.control = ControlPipe(control) if leads else None
+        self.stage_key = key if world == local else None
+        self.stage_response = response
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if standby is not None:  # later: its imports would slow the replays that follow a failover
             timer = threading.Timer(STANDBY_DELAY_S, self._spawn_standby)

@@ -44,6 +44,10 @@ from tensorfleet.v1 import node_pb2, node_pb2_grpc
 
 OP_STEP, OP_STOP = 1, 2
 MAX_OLD_KEYS = 8
+# A tensor-parallel group's ranks wait this long for each other to arrive (the other nodes of a group
+# spanning nodes load their weights meanwhile); then the load fails.
+GROUP_FORM_TIMEOUT_S = 300.0
+MAX_GROUP = 64  # the most ranks of one tensor-parallel group
 KIND_IDS, KIND_HIDDEN = 1, 2
 
 
@@ -420,8 +424,9 @@ def _exit_with_parent() -> None:
 def _join_group(spec: ExecutorSpec) -> TPGroup:
     if spec.world == 1:
         return TPGroup.single()
-    store = dist.TCPStore(spec.store_host, spec.store_port, spec.world, is_master=spec.rank == 0,
-                          timeout=timedelta(seconds=120))
+    # The store is the leading node daemon's (node/daemon.py); the ranks may run on several nodes.
+    store = dist.TCPStore(spec.store_host, spec.store_port, spec.world, is_master=False,
+                          timeout=timedelta(seconds=GROUP_FORM_TIMEOUT_S))
     dist.init_process_group(spec.backend, store=dist.PrefixStore(spec.store_prefix, store), rank=spec.rank,
                             world_size=spec.world, timeout=timedelta(seconds=600))
     if spec.device.startswith("cuda"):

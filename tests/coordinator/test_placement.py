@@ -70,8 +70,10 @@ def need(model: ModelProfile, n: int, tp: int, first: bool, last: bool) -> int:
     return math.ceil(weights / tp) + math.ceil(kv / min(tp, model.num_kv_heads))
 
 
-def assert_valid(plan: Plan, devices: list[DeviceCapacity], model: ModelProfile) -> None:
-    """Layers 0..L covered once, contiguously; no device twice; every device holds its share."""
+def assert_valid(plan: Plan, devices: list[DeviceCapacity], model: ModelProfile, *, span_nodes: bool = False
+                 ) -> None:
+    """Layers 0..L covered once, contiguously; no device twice; every device holds its share; a TP group's
+    devices are of one kind, and of one node unless ``span_nodes``."""
     by_key = {d.key: d for d in devices}
     assert plan.stages[0].start == 0 and plan.stages[-1].end == model.num_layers
     for a, b in itertools.pairwise(plan.stages):
@@ -81,7 +83,8 @@ def assert_valid(plan: Plan, devices: list[DeviceCapacity], model: ModelProfile)
     k = len(plan.stages)
     for i, s in enumerate(plan.stages):
         assert s.end > s.start
-        assert len({by_key[m].node_id for m in s.members}) == 1  # a TP group lives on one node
+        assert len({by_key[m].kind for m in s.members}) == 1
+        assert span_nodes or len({by_key[m].node_id for m in s.members}) == 1  # a TP group lives on one node
         n_need = need(model, s.num_layers, s.tp_size, i == 0, i == k - 1)
         assert s.device_bytes == n_need
         for m in s.members:
@@ -191,6 +194,32 @@ def test_no_tensor_parallel_group_across_nodes():
     devices = [dev("a"), dev("b")]
     plan = plan_placement(devices, model)
     assert all(s.tp_size == 1 for s in plan.stages)
+
+
+def test_span_nodes_forms_a_group_across_nodes():
+    """With span_nodes the same two one-GPU nodes form one tp=2 stage (as two GPUs of one node do in
+    test_tensor_parallel_unit_when_fastest), ranks ordered by node; devices of different kinds never mix."""
+    model = big_head_model()
+    devices = [dev("b"), dev("a"), cpu("c")]
+    plan = plan_placement(devices, model, span_nodes=True)
+    assert layers(plan) == [((("a", 0), ("b", 0)), 4)]
+    assert plan.est_step_time_s == pytest.approx((4 * 50e6 + 1e9) / (2 * 1e12 * 0.9))
+    assert_valid(plan, devices, model, span_nodes=True)
+    # Heterogeneous: a 2-GPU group (one GPU each on a and b) then a single GPU, when asked for 2 stages.
+    devices = [dev("a"), dev("b"), dev("c")]
+    plan = plan_placement(devices, big_model(), num_stages=2, span_nodes=True)
+    assert sorted(s.tp_size for s in plan.stages) == [1, 2]
+    assert_valid(plan, devices, big_model(), span_nodes=True)
+
+
+def test_span_nodes_repair_keeps_the_surviving_group():
+    """After a failure elsewhere, a group spanning nodes that survived is kept (it moves no layers)."""
+    model = big_model()
+    previous = Plan((StagePlan(0, 20, (("a", 0), ("b", 0))), StagePlan(20, 32, (("c", 0),))), 0.0)
+    devices = [dev("a"), dev("b"), dev("d")]  # c died, d is a spare
+    kept = plan_placement(devices, model, num_stages=2, prefer=previous, span_nodes=True)
+    assert_valid(kept, devices, model, span_nodes=True)
+    assert kept.stages[0].members == (("a", 0), ("b", 0))
 
 
 @pytest.mark.parametrize("heads, kv_heads, three_ok", [
@@ -407,26 +436,26 @@ def clusters(draw, *, one_device_per_node: bool = False):
 
 
 @settings(max_examples=50, deadline=None)
-@given(clusters())
-def test_any_plan_is_valid(cluster):
+@given(clusters(), st.booleans())
+def test_any_plan_is_valid(cluster, span_nodes):
     devices, model = cluster
     try:
-        plan = plan_placement(devices, model)
+        plan = plan_placement(devices, model, span_nodes=span_nodes)
     except PlacementError:
         event("infeasible")
         # Never refused when one device could hold everything.
         assert all(d.free_memory_bytes < need(model, model.num_layers, 1, True, True) for d in devices)
         return
     event(f"{len(plan.stages)} stage(s)")
-    assert_valid(plan, devices, model)
+    assert_valid(plan, devices, model, span_nodes=span_nodes)
     # Re-planning after losing a device, preferring the old plan: valid, and within the tolerance.
     survivors = devices[1:]
     try:
-        fresh = plan_placement(survivors, model)
+        fresh = plan_placement(survivors, model, span_nodes=span_nodes)
     except PlacementError:
         return
-    again = plan_placement(survivors, model, prefer=plan)
-    assert_valid(again, survivors, model)
+    again = plan_placement(survivors, model, prefer=plan, span_nodes=span_nodes)
+    assert_valid(again, survivors, model, span_nodes=span_nodes)
     assert again.est_step_time_s <= fresh.est_step_time_s * (1 + PREFER_TOLERANCE) * (1 + 1e-12)
     assert moves(again, plan) <= moves(fresh, plan)
 

@@ -50,14 +50,14 @@ def config(**overrides) -> SimpleNamespace:  # noqa: ANN003
     base = dict(min_nodes=2, dtype="float32", num_stages=None, num_slots=2, max_slots=4, kv_memory_fraction=0.5,
                 max_seq_len=64, micro_batches=None, codec="exact", codec_min_tokens=64, tp_codec="exact",
                 tp_codec_min_elements=0, tls_dir=None, heartbeat_interval_ms=50, heartbeat_timeout_ms=60_000,
-                capacity_wait_s=60.0)
+                capacity_wait_s=60.0, tp_across_nodes=False)
     return SimpleNamespace(**{**base, **overrides})
 
 
 def node_info(name: str) -> common_pb2.NodeInfo:
     device = common_pb2.DeviceInfo(kind=common_pb2.DEVICE_KIND_CPU, index=0, name="cpu", total_memory_bytes=8 * GIB,
                                    free_memory_bytes=8 * GIB, matmul_flops=1e11, memory_bandwidth_bytes_per_s=1e10)
-    return common_pb2.NodeInfo(name=name, address=f"{name}:1", devices=[device])
+    return common_pb2.NodeInfo(name=name, address=f"{name}:1", devices=[device], store_port=7)
 
 
 @pytest.fixture
@@ -104,3 +104,24 @@ def test_the_reason_names_the_set_aside_node_when_nothing_else_fits(placer: Plac
     placer.place_if_needed()
     assert not placer.served.is_set()
     assert member.node_id in placer.unavailable_reason and "set aside" in placer.unavailable_reason
+
+
+def test_a_group_spanning_nodes_loads_on_each_with_the_leaders_store(placer: Placer) -> None:
+    """--tp-across-nodes, one stage: each node gets its own rank of one tp=2 group, the group's members,
+    and the rendezvous store of the node holding rank 0; the stage's address is the leader's."""
+    placer.config = config(num_stages=1, tp_across_nodes=True)
+    a, b = FakeNode("a"), FakeNode("b")
+    members = {m.node_id: n for n, m in ((a, join(placer, a)), (b, join(placer, b)))}
+    placer.place_if_needed()
+    assert placer.served.is_set(), placer.unavailable_reason
+    (stage,) = placer.stages
+    order = [members[m.node_id] for m in stage.members]
+    assert [m.tp_rank for m in stage.members] == [0, 1] and {n.name for n in order} == {"a", "b"}
+    (lead,), (peer,) = order[0].loads, order[1].loads
+    for req in (lead, peer):
+        assert req.group.world_size == 2
+        assert req.group.store_address == f"{order[0].name}:7"
+        assert list(req.group.members) == [f"{m.node_id}/{m.device_index}" for m in stage.members]
+    assert lead.group.store_prefix == peer.group.store_prefix != ""
+    assert [r.tp_rank for r in lead.local_ranks] == [0] and [r.tp_rank for r in peer.local_ranks] == [1]
+    assert stage.address == "127.0.0.1:11"

@@ -139,15 +139,17 @@ class DeviceInfo(_message.Message):
     def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., matmul_flops: _Optional[float] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., ordinal: _Optional[int] = ..., used_memory_bytes: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "address", "devices", "version", "host_memory_bytes")
+    __slots__ = ("name", "address", "devices", "version", "host_memory_bytes", "store_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
     version: str
     host_memory_bytes: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host_memory_bytes: _Optional[int] = ...) -> None: ...
+    store_port: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host_memory_bytes: _Optional[int] = ..., store_port: _Optional[int] = ...) -> None: ...

@@ -18,16 +18,18 @@ WEIGHT_SOURCE_LOCAL_DIR: WeightSource
 WEIGHT_SOURCE_COORDINATOR: WeightSource
 
 class TensorParallelGroup(_message.Message):
-    __slots__ = ("store_address", "store_prefix", "world_size", "backend")
+    __slots__ = ("store_address", "store_prefix", "world_size", "backend", "members")
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     store_address: str
     store_prefix: str
     world_size: int
     backend: str
-    def __init__(self, store_address: _Optional[str] = ..., store_prefix: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, store_address: _Optional[str] = ..., store_prefix: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LocalRank(_message.Message):
     __slots__ = ("device_index", "tp_rank")
