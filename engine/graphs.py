@@ -11,12 +11,16 @@ rows use the cache's spare slot, so they never touch a sequence's keys. One grap
 bucket, captured when first needed; all share one memory pool. Inputs go into static buffers before each
 replay, and the output is copied out (the next replay overwrites it).
 
+In a tensor-parallel group over NCCL each rank captures and replays its own graphs, with the group's
+all-reduces recorded in them (graphs_pay).
+
 Steps with prompt tokens, and every step off CUDA, run eagerly. ``DecodeGraphs(capture=False)`` runs the
 same padded, static-shaped step eagerly: how the CPU tests check the graph path's arithmetic.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +33,18 @@ MIN_CONTEXT = 64
 
 
 def graphs_pay(stage) -> bool:  # noqa: ANN001 - StageModel
-    """Whether ``stage``'s decode steps should run as CUDA graphs: on CUDA, without tensor parallelism (a
-    group's ranks would have to replay in lockstep around their all-reduces; not done yet)."""
-    return stage.device.type == "cuda" and stage.tp.size == 1
+    """Whether ``stage``'s decode steps should run as CUDA graphs: on CUDA, alone or in a tensor-parallel
+    group over NCCL with exact all-reduces (NCCL collectives are recorded in the graph; every rank sees the
+    same steps, so all replay the same bucket's graph in lockstep). Compressed all-reduces stay eager.
+    ``TENSORFLEET_TP_GRAPHS=0`` keeps tensor-parallel groups eager."""
+    if stage.device.type != "cuda":
+        return False
+    if stage.tp.size == 1:
+        return True
+    import torch.distributed as dist
+
+    return (os.environ.get("TENSORFLEET_TP_GRAPHS", "1") != "0" and stage.tp.reducer is None
+            and dist.get_backend(stage.tp.group) == "nccl")
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -127,5 +140,8 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.stage.device).wait_stream(stream)
         g.graph = torch.cuda.CUDAGraph()
         g.meta.extras.clear()
-        with torch.cuda.graph(g.graph, pool=self.pool, stream=stream):
+        # Thread-local capture: ProcessGroupNCCL's watchdog thread queries CUDA events meanwhile, which a
+        # global capture would refuse.
+        with torch.cuda.graph(g.graph, pool=self.pool, stream=stream,
+                              capture_error_mode="thread_local" if self.stage.tp.size > 1 else "global"):
             g.out = self.stage(g.x, g.meta, self.cache)

@@ -93,3 +93,66 @@ def test_captured_graphs_track_the_eager_step(tmp_path: Path, dtype: str) -> Non
         tokens = want.argmax(-1)
         starts = [s + 1 for s in starts]
     assert graphs.replays == 8 and all(g.graph is not None for g in graphs.graphs.values())
+
+
+def _tp_graph_worker(rank: int, world: int, model: str, port: int, results) -> None:  # noqa: ANN001 - a Queue
+    """One rank of test_graphs_under_nccl_tensor_parallelism: eager and graph decode steps, fp32."""
+    import torch.distributed as dist
+
+    from engine.graphs import graphs_pay
+    from engine.parallel import TPGroup
+
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        tp = TPGroup.from_group() if world > 1 else TPGroup.single()
+        stage = StageModel.from_pretrained(model, tp=tp, device=f"cuda:{rank}")
+        rows = [2, 0, 3]
+        eager_cache = stage.new_cache(num_slots=6, max_seq_len=96)
+        graph_cache = stage.new_cache(num_slots=6, max_seq_len=96, spare_slots=1)
+        for cache in (eager_cache, graph_cache):
+            for slot in rows:
+                ids = torch.tensor(PROMPTS[slot], device="cuda")
+                stage(ids, stage.make_meta([slot], [0], [len(ids)]), cache)
+        graphs = DecodeGraphs(stage, graph_cache)
+        starts = [len(PROMPTS[r]) for r in rows]
+        tokens = torch.tensor([r + 20 for r in rows], device="cuda")
+        eager, replayed = [], []
+        for _ in range(6):
+            want = stage(tokens, stage.make_meta(rows, starts, [1] * len(rows)), eager_cache).float()
+            got = graphs.run(rows, starts, tokens).float()
+            eager.append(want.cpu())
+            replayed.append(got.cpu())
+            tokens = want.argmax(-1)
+            starts = [s + 1 for s in starts]
+        results.put((rank, graphs_pay(stage), graphs.replays, torch.stack(eager), torch.stack(replayed)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_graphs_under_nccl_tensor_parallelism(tmp_path: Path) -> None:
+    """tp=2 over NCCL: every rank captures graphs with the all-reduces in them; replays equal the group's
+    eager steps and the single-GPU eager steps (fp32, TF32 off, within 1e-4)."""
+    import torch.multiprocessing as mp
+
+    from coordinator.local_cluster import free_port
+
+    model = str(make_random_model("llama-gqa-tied", tmp_path / "m"))
+    runs = {}
+    for world in (1, 2):
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        procs = mp.start_processes(_tp_graph_worker, args=(world, model, free_port(), results), nprocs=world,
+                                   start_method="spawn", join=False)
+        runs[world] = sorted((results.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
+        procs.join()
+    (_, pays1, replays1, eager1, graph1), = runs[1]
+    assert pays1 and replays1 == 6
+    torch.testing.assert_close(graph1, eager1, rtol=1e-4, atol=1e-4)
+    for _, pays, replays, eager, graph in runs[2]:
+        assert pays and replays == 6
+        torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(eager, eager1, rtol=1e-4, atol=1e-4)
