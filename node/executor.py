@@ -121,10 +121,13 @@ def _weight_reader(spec: ExecutorSpec):  # noqa: ANN202 - WeightReader or Cached
 
 # ------------------------------------------------------------------------------- broadcast protocol
 class StepBroadcast:
-    """Leader → peers: a header, the per-row metadata and the payload, as tensors (no pickle)."""
+    """Leader → peers: the step's header and per-row metadata in one fixed-size tensor, then the payload
+    (no pickle): two broadcasts, and one host sync on each peer, per step."""
 
-    def __init__(self, tp: TPGroup, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, tp: TPGroup, device: torch.device, hidden_size: int, dtype: torch.dtype, max_rows: int
+                 ) -> None:
         self.tp, self.device, self.hidden_size, self.dtype = tp, device, hidden_size, dtype
+        self.max_rows = max_rows  # a step has at most one row per KV slot
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
         dist.broadcast(t, src=0, group=self.tp.group)
@@ -132,19 +135,22 @@ class StepBroadcast:
 
     def send(self, op: int, slots=(), starts=(), lengths=(), x: torch.Tensor | None = None) -> None:  # noqa: ANN001
         batch = len(slots)
+        if batch > self.max_rows:
+            raise ValueError(f"a step of {batch} rows is more than the stage's {self.max_rows} slots")
         num_tokens = int(x.shape[0]) if x is not None else 0
         kind = KIND_IDS if x is not None and x.dtype == torch.long else KIND_HIDDEN
-        self._bcast(torch.tensor([op, batch, num_tokens, kind], dtype=torch.long, device=self.device))
-        if op != OP_STEP:
-            return
-        self._bcast(torch.tensor([*slots, *starts, *lengths], dtype=torch.long, device=self.device))
-        self._bcast(x.to(self.device).contiguous())
+        head = [op, batch, num_tokens, kind, *slots, *starts, *lengths]
+        head += [0] * (4 + 3 * self.max_rows - len(head))
+        self._bcast(torch.tensor(head, dtype=torch.long, device=self.device))
+        if op == OP_STEP:
+            self._bcast(x.to(self.device).contiguous())
 
     def receive(self) -> tuple[int, list[int], list[int], list[int], torch.Tensor | None]:
-        op, batch, num_tokens, kind = self._bcast(torch.empty(4, dtype=torch.long, device=self.device)).tolist()
+        head = self._bcast(torch.empty(4 + 3 * self.max_rows, dtype=torch.long, device=self.device)).tolist()
+        op, batch, num_tokens, kind = head[:4]
         if op != OP_STEP:
             return op, [], [], [], None
-        meta = self._bcast(torch.empty(3 * batch, dtype=torch.long, device=self.device)).tolist()
+        meta = head[4:4 + 3 * batch]
         shape = (num_tokens,) if kind == KIND_IDS else (num_tokens, self.hidden_size)
         x = self._bcast(torch.empty(shape, dtype=torch.long if kind == KIND_IDS else self.dtype, device=self.device))
         return op, meta[:batch], meta[batch:2 * batch], meta[2 * batch:], x
@@ -363,7 +369,7 @@ def executor_main(spec: ExecutorSpec, events, control=None, *, watch_parent: boo
         broadcast = None
         if tp.size > 1:
             comm = torch.device(spec.device) if spec.backend == "nccl" else torch.device("cpu")
-            broadcast = StepBroadcast(tp, comm, runner.cfg.hidden_size, runner.stage.dtype)
+            broadcast = StepBroadcast(tp, comm, runner.cfg.hidden_size, runner.stage.dtype, spec.num_slots)
         if spec.rank != 0:
             events.put(("ready", spec.rank, info))
             _peer_loop(runner, broadcast)
