@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,26 +252,35 @@ class EngineSystem:
 
 class ClusterSystem:
     """A LocalCluster of ``nodes`` nodes on the same device (``--stages nodes``), one streaming client per
-    sequence, each in its own thread with its own connection."""
+    sequence, each in its own thread with its own connection.
 
-    def __init__(self, model_dir: Path, args: argparse.Namespace, work: Path, *, nodes: int) -> None:
+    Other layouts (scripts/bench_multigpu.py): ``devices`` gives each node's ``--devices`` (one node per
+    entry), ``stages`` the stages to ask for and expect (default: one per node), ``extra_args`` more
+    coordinator flags. ``status`` is the coordinator's status once placed; ``outputs`` the token ids of
+    the last ``generate``, in prompt order."""
+
+    def __init__(self, model_dir: Path, args: argparse.Namespace, work: Path, *, nodes: int = 1,
+                 devices: list[str] | None = None, stages: int | None = None, extra_args: Sequence[str] = ()) -> None:
         from client.api import TensorfleetClient
         from coordinator.local_cluster import LocalCluster, NodeSpec
 
-        devices = "cuda:0" if args.device == "cuda" else "cpu"
+        devices = devices or ["cuda:0" if args.device == "cuda" else "cpu"] * nodes
+        stages = stages or len(devices)
         batch = max(args.batch_sizes)
-        coordinator_args = ["--stages", str(nodes), "--dtype", args.dtype, "--slots", str(batch),
+        coordinator_args = ["--stages", str(stages), "--dtype", args.dtype, "--slots", str(batch),
                             "--max-slots", str(max(batch, 64)), "--max-seq-len", str(args.max_seq_len),
-                            "--max-step-tokens", str(batch * (args.prompt_tokens + 1)), "--no-http"]
-        specs = [NodeSpec(devices=devices, model_dir=str(model_dir)) for _ in range(nodes)]
+                            "--max-step-tokens", str(batch * (args.prompt_tokens + 1)), "--no-http", *extra_args]
+        specs = [NodeSpec(devices=d, model_dir=str(model_dir)) for d in devices]
         self.cluster = LocalCluster(work, model=str(model_dir), nodes=specs, coordinator_args=coordinator_args)
         self.cluster.start(timeout_s=CLUSTER_START_S)  # stops what it started if it fails
         self.clients: list[Any] = []
+        self.outputs: list[list[int]] = []
         try:
             self.clients = [TensorfleetClient(self.cluster.address, timeout=CLIENT_TIMEOUT_S) for _ in range(batch)]
-            self.stages = len(self.clients[0].status().stages)
-            if self.stages != nodes:
-                raise BenchError(f"the cluster placed {self.stages} stages, not {nodes}")
+            self.status = self.clients[0].status()
+            self.stages = len(self.status.stages)
+            if self.stages != stages:
+                raise BenchError(f"the cluster placed {self.stages} stages, not {stages}")
         except BaseException:
             self.close()
             raise
@@ -278,16 +288,17 @@ class ClusterSystem:
     def generate(self, prompts: list[list[int]], n: int) -> tuple[float, list[float]]:
         barrier = threading.Barrier(len(prompts))
         spans: list[tuple[float, float, float, int] | BaseException | None] = [None] * len(prompts)
+        self.outputs = [[] for _ in prompts]
 
         def one(i: int) -> None:
             try:
                 barrier.wait()
-                start, first, count = time.perf_counter(), None, 0
+                start, first, tokens = time.perf_counter(), None, self.outputs[i]
                 for delta in self.clients[i].generate_stream(prompts[i], max_tokens=n, ignore_eos=True):
                     if delta.token_ids and first is None:
                         first = time.perf_counter()
-                    count += len(delta.token_ids)
-                spans[i] = (start, first or time.perf_counter(), time.perf_counter(), count)
+                    tokens.extend(delta.token_ids)
+                spans[i] = (start, first or time.perf_counter(), time.perf_counter(), len(tokens))
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread below
                 spans[i] = e
 
