@@ -126,7 +126,9 @@ def _tp_graph_worker(rank: int, world: int, model: str, port: int, results) -> N
             replayed.append(got.cpu())
             tokens = want.argmax(-1)
             starts = [s + 1 for s in starts]
-        results.put((rank, graphs_pay(stage), graphs.replays, torch.stack(eager), torch.stack(replayed)))
+        # As numpy (pickled by value): a tensor in a Queue is shared through this process, which exits.
+        results.put((rank, graphs_pay(stage), graphs.replays, torch.stack(eager).numpy(),
+                     torch.stack(replayed).numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -149,6 +151,8 @@ def test_graphs_under_nccl_tensor_parallelism(tmp_path: Path) -> None:
                                    start_method="spawn", join=False)
         runs[world] = sorted((results.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
         procs.join()
+    runs = {w: [(rank, pays, n, torch.from_numpy(e), torch.from_numpy(g)) for rank, pays, n, e, g in r]
+            for w, r in runs.items()}
     (_, pays1, replays1, eager1, graph1), = runs[1]
     assert pays1 and replays1 == 6
     torch.testing.assert_close(graph1, eager1, rtol=1e-4, atol=1e-4)
