@@ -104,7 +104,8 @@ def _tp_graph_worker(rank: int, world: int, model: str, port: int, results) -> N
 
     torch.cuda.set_device(rank)
     torch.backends.cuda.matmul.allow_tf32 = False
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device(f"cuda:{rank}"))
     try:
         tp = TPGroup.from_group() if world > 1 else TPGroup.single()
         stage = StageModel.from_pretrained(model, tp=tp, device=f"cuda:{rank}")
@@ -129,6 +130,8 @@ def _tp_graph_worker(rank: int, world: int, model: str, port: int, results) -> N
         # As numpy (pickled by value): a tensor in a Queue is shared through this process, which exits.
         results.put((rank, graphs_pay(stage), graphs.replays, torch.stack(eager).numpy(),
                      torch.stack(replayed).numpy()))
+        del graphs, stage, eager_cache, graph_cache  # destroy_process_group was seen to hang with graphs alive
+        torch.cuda.synchronize()
     finally:
         dist.destroy_process_group()
 
