@@ -64,6 +64,31 @@ def test_the_spare_slot_is_required(model_dir: Path) -> None:
         DecodeGraphs(stage, stage.new_cache(num_slots=2, max_seq_len=32))
 
 
+def eager_and_replayed(stage: StageModel, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor], DecodeGraphs]:
+    """Prefill 3 slots in two caches, then ``steps`` decode steps of those rows, eager on one cache and
+    replayed through captured graphs on the other (each step's tokens: the eager step's argmax). Returns
+    the fp32 outputs of both, on the CPU, and the graphs."""
+    device = stage.device
+    rows = [2, 0, 3]
+    eager_cache = stage.new_cache(num_slots=6, max_seq_len=96)
+    graph_cache = stage.new_cache(num_slots=6, max_seq_len=96, spare_slots=1)
+    for cache in (eager_cache, graph_cache):
+        for slot in rows:
+            ids = torch.tensor(PROMPTS[slot], device=device)
+            stage(ids, stage.make_meta([slot], [0], [len(ids)]), cache)
+    graphs = DecodeGraphs(stage, graph_cache)
+    starts = [len(PROMPTS[r]) for r in rows]
+    tokens = torch.tensor([r + 20 for r in rows], device=device)
+    eager, replayed = [], []
+    for _ in range(steps):
+        want = stage(tokens, stage.make_meta(rows, starts, [1] * len(rows)), eager_cache).float()
+        replayed.append(graphs.run(rows, starts, tokens).float().cpu())
+        eager.append(want.cpu())
+        tokens = want.argmax(-1)
+        starts = [s + 1 for s in starts]
+    return eager, replayed, graphs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_captured_graphs_track_the_eager_step(tmp_path: Path, dtype: str) -> None:
@@ -73,25 +98,12 @@ def test_captured_graphs_track_the_eager_step(tmp_path: Path, dtype: str) -> Non
     torch.backends.cuda.matmul.allow_tf32 = False
     model = make_random_model("llama-gqa-tied", tmp_path / "m")
     stage = StageModel.from_pretrained(model, dtype=dtype, device="cuda")
-    rows = [2, 0, 3]
-    eager_cache = stage.new_cache(num_slots=6, max_seq_len=96)
-    graph_cache = stage.new_cache(num_slots=6, max_seq_len=96, spare_slots=1)
-    for cache in (eager_cache, graph_cache):
-        for slot in rows:
-            ids = torch.tensor(PROMPTS[slot], device="cuda")
-            stage(ids, stage.make_meta([slot], [0], [len(ids)]), cache)
-    graphs = DecodeGraphs(stage, graph_cache)
-    starts = [len(PROMPTS[r]) for r in rows]
-    tokens = torch.tensor([r + 20 for r in rows], device="cuda")
-    for _ in range(8):
-        want = stage(tokens, stage.make_meta(rows, starts, [1] * len(rows)), eager_cache).float()
-        got = graphs.run(rows, starts, tokens).float()
+    eager, replayed, graphs = eager_and_replayed(stage, 8)
+    for want, got in zip(eager, replayed, strict=True):
         if dtype == "float32":
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         else:
             assert float((got - want).norm() / want.norm()) < 0.02
-        tokens = want.argmax(-1)
-        starts = [s + 1 for s in starts]
     assert graphs.replays == 8 and all(g.graph is not None for g in graphs.graphs.values())
 
 
@@ -109,28 +121,11 @@ def _tp_graph_worker(rank: int, world: int, model: str, port: int, results) -> N
     try:
         tp = TPGroup.from_group() if world > 1 else TPGroup.single()
         stage = StageModel.from_pretrained(model, tp=tp, device=f"cuda:{rank}")
-        rows = [2, 0, 3]
-        eager_cache = stage.new_cache(num_slots=6, max_seq_len=96)
-        graph_cache = stage.new_cache(num_slots=6, max_seq_len=96, spare_slots=1)
-        for cache in (eager_cache, graph_cache):
-            for slot in rows:
-                ids = torch.tensor(PROMPTS[slot], device="cuda")
-                stage(ids, stage.make_meta([slot], [0], [len(ids)]), cache)
-        graphs = DecodeGraphs(stage, graph_cache)
-        starts = [len(PROMPTS[r]) for r in rows]
-        tokens = torch.tensor([r + 20 for r in rows], device="cuda")
-        eager, replayed = [], []
-        for _ in range(6):
-            want = stage(tokens, stage.make_meta(rows, starts, [1] * len(rows)), eager_cache).float()
-            got = graphs.run(rows, starts, tokens).float()
-            eager.append(want.cpu())
-            replayed.append(got.cpu())
-            tokens = want.argmax(-1)
-            starts = [s + 1 for s in starts]
+        eager, replayed, graphs = eager_and_replayed(stage, 6)
         # As numpy (pickled by value): a tensor in a Queue is shared through this process, which exits.
         results.put((rank, graphs_pay(stage), graphs.replays, torch.stack(eager).numpy(),
                      torch.stack(replayed).numpy()))
-        del graphs, stage, eager_cache, graph_cache  # destroy_process_group was seen to hang with graphs alive
+        del graphs, stage  # destroy_process_group was seen to hang with a group's graphs alive
         torch.cuda.synchronize()
     finally:
         dist.destroy_process_group()
