@@ -43,6 +43,7 @@ stderr, tables to stdout at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -350,8 +351,12 @@ def logits_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         logits = llm.forward(list(range(len(prompts))), [0] * len(prompts), prompts, all_logits=True)
     outs = llm.generate(prompts, SamplingParams(max_tokens=job["tokens"], ignore_eos=True))
     if rank == 0:  # [prompts, prompt_tokens, vocab], every rank holds the whole (gathered) logits
-        torch.save({"logits": logits.float().cpu(), "tokens": [o.token_ids for o in outs], "load_s": load_s,
-                    "cuda_graphs": llm.graphs is not None}, job["out"])
+        # No pickle (tests/security/test_no_unsafe_loads.py): the logits as safetensors, the rest as JSON.
+        from safetensors.torch import save_file
+
+        save_file({"logits": logits.float().cpu().contiguous()}, job["out"])
+        Path(job["out"] + ".json").write_text(json.dumps({"tokens": [o.token_ids for o in outs], "load_s": load_s,
+                                                          "cuda_graphs": llm.graphs is not None}))
     del llm, logits
     leave_group(world)  # only after success: a failed rank exits with its exception, and spawn_group stops the rest
 
@@ -390,12 +395,14 @@ def section_tp_logits(bench: Bench, entry: dict[str, Any]) -> None:
     for tp in [1, 2] + ([4] if a.num_devices >= 4 else []):
         def run(sub: dict[str, Any], tp: int = tp) -> None:
             cfg.check_tensor_parallel(tp)
-            out = bench.work / f"tp_logits_{tp}.pt"
+            out = bench.work / f"tp_logits_{tp}.safetensors"
             job = {"device": a.device, "model": str(model), "dtype": a.dtype, "prompts": prompts,
                    "tokens": a.logit_tokens, "max_seq_len": a.max_seq_len, "out": str(out)}
             bench.log(f"tp_logits: TP={tp}")
             spawn_group(logits_rank, tp, job, a.rank_timeout)
-            results[tp] = torch.load(out)
+            from safetensors.torch import load_file
+
+            results[tp] = {**json.loads(Path(f"{out}.json").read_text()), **load_file(out)}
             sub["load_s"] = round(results[tp]["load_s"], 2)
             if tp != 1 and 1 in results:
                 sub.update(compare_logits(results[tp]["logits"], results[1]["logits"]),
@@ -605,7 +612,7 @@ def allreduce_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> Non
         for spec in ["all_reduce", *job["specs"]]:
             rows.append(time_reducer(spec, parts[rank].to(device), exact, job))
     if rank == 0:
-        torch.save(rows, job["out"])
+        Path(job["out"]).write_text(json.dumps(rows))
     leave_group(world)
 
 
@@ -651,14 +658,14 @@ def section_allreduce(bench: Bench, entry: dict[str, Any]) -> None:
 
     a = bench.args
     hidden = int(load_hf_config(bench.model_dir())["hidden_size"])
-    out = bench.work / "allreduce.pt"
+    out = bench.work / "allreduce.json"
     entry.update(world=2, hidden=hidden, dtype=a.dtype, iters=a.allreduce_iters, min_elements=0,
                  error_of="the last call (low-rank: Q warm-started by the calls before it)")
     bench.log(f"allreduce: 2 ranks, hidden {hidden}, rows {a.allreduce_tokens}, specs {a.allreduce_specs}")
     spawn_group(allreduce_rank, 2, {"device": a.device, "dtype": a.dtype, "hidden": hidden, "tokens":
                                     a.allreduce_tokens, "specs": a.allreduce_specs, "iters": a.allreduce_iters,
                                     "out": str(out)}, a.rank_timeout)
-    entry["rows"] = torch.load(out)
+    entry["rows"] = json.loads(out.read_text())
     base = {r["tokens"]: r["median_us"] for r in entry["rows"] if r["spec"] == "all_reduce"}
     for r in entry["rows"]:
         r["time_vs_all_reduce"] = r["median_us"] / base[r["tokens"]] if base.get(r["tokens"]) else None
