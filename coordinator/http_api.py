@@ -245,6 +245,23 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _check_unicode(value: Any, where: str = "") -> None:
+    """JSON may escape lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer can take: refuse them (400)
+    before anything tokenizes the request."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{where or 'a string'} is not valid Unicode (a lone surrogate)",
+                           param=where.split(".")[0] or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{where}[{i}]")
+
+
 def _bearer(http: HttpRequest) -> str | None:
     """The API key of ``Authorization: Bearer KEY``, parsed as the gRPC guard parses it."""
     key = presented(http.headers.items())
@@ -308,6 +325,7 @@ class HttpApi:
     async def _admit(self, http: HttpRequest, body: _Sampling, encode, max_tokens: int | None) -> Generation:  # noqa: ANN001
         """Checks, tokenization (in a worker thread: long prompts take a while) and admission."""
         self.authorize(http)
+        _check_unicode(body.model_dump())
         self._check_model(body.model)
         unsupported = body.unsupported()
         if unsupported:

@@ -137,6 +137,18 @@ def test_bad_requests_get_openai_errors(api, model: str, kwargs: dict, error: st
     assert caught.value.body["type"] in ("invalid_request_error", "not_found_error")
 
 
+def test_a_lone_surrogate_is_a_bad_request(cluster: LocalCluster, model: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate, which no tokenizer takes (the HTTP fuzzing found a 500)."""
+    body = ('{"model": "%s", "max_tokens": 1, "messages": [{"role": "system", "content": "a\\ud800b"}]}' % model)
+    request = urllib.request.Request(cluster.http_url + "/v1/chat/completions", data=body.encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {cluster.api_key}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 400
+    assert "lone surrogate" in json.loads(caught.value.read())["error"]["message"]
+
+
 def test_api_keys(cluster: LocalCluster, model: str) -> None:
     wrong = (("wrong-key", openai.AuthenticationError), (cluster.secrets.join_token, openai.PermissionDeniedError))
     for key, error in wrong:
