@@ -17,9 +17,14 @@ import pytest
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
     """Coordinators and clients started by the tests keep their secrets in a temporary state directory,
-    never in the user's ~/.tensorfleet (node/security.py); no key from the environment leaks in."""
-    saved = {k: os.environ.get(k) for k in ("TENSORFLEET_HOME", "TENSORFLEET_API_KEY", "TENSORFLEET_JOIN_TOKEN")}
+    never in the user's ~/.tensorfleet (node/security.py); no key from the environment leaks in.
+    The default model cache (engine/model_source.py: scripts and processes that convert the embedded model
+    without a cache_dir) is the test cache of ``embedded_model_dir``, not ~/.cache/tensorfleet: one
+    conversion of the embedded GGUF per clone, not one per cache."""
+    names = ("TENSORFLEET_HOME", "TENSORFLEET_API_KEY", "TENSORFLEET_JOIN_TOKEN", "TENSORFLEET_CACHE")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["TENSORFLEET_HOME"] = str(tmp_path_factory.mktemp("tensorfleet-home"))
+    os.environ["TENSORFLEET_CACHE"] = str(shared_model_cache())
     os.environ.pop("TENSORFLEET_API_KEY", None)
     os.environ.pop("TENSORFLEET_JOIN_TOKEN", None)
     yield

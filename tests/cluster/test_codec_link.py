@@ -62,10 +62,32 @@ def link_traffic(cluster: LocalCluster, *, messages: int, timeout_s: float = 10.
         time.sleep(0.25)
 
 
-@pytest.mark.parametrize("flag, spec, complaint", [
-    ("--codec", "zstd", "unknown codec 'zstd'"), ("--codec", "int8:block=0", "block=0"),
-    ("--codec", "auto:exact", "compressing codec"), ("--tp-codec", "int5", "unknown codec 'int5'")])
-def test_a_bad_codec_is_refused_at_start(flag: str, spec: str, complaint: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "start", flag, spec, "--port", "1"],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+BAD_CODECS = [("--codec", "zstd", "unknown codec 'zstd'"), ("--codec", "int8:block=0", "block=0"),
+              ("--codec", "auto:exact", "compressing codec"), ("--tp-codec", "int5", "unknown codec 'int5'")]
+
+
+@pytest.fixture(scope="module")
+def refused_starts() -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """`coordinator start` with each bad codec, all started at once (each run is mostly the import of
+    torch, so together they take about the time of two one after the other on 2 cores)."""
+    procs = {(flag, spec): subprocess.Popen([sys.executable, "-m", "coordinator.cli", "start", flag, spec,
+                                             "--port", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True, cwd=Path(__file__).resolve().parents[2])
+             for flag, spec, _ in BAD_CODECS}
+    done = {}
+    try:
+        for key, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+@pytest.mark.parametrize("flag, spec, complaint", BAD_CODECS)
+def test_a_bad_codec_is_refused_at_start(refused_starts: dict, flag: str, spec: str, complaint: str) -> None:
+    out = refused_starts[(flag, spec)]
     assert out.returncode == 2 and complaint in out.stderr

@@ -67,21 +67,59 @@ def make_random_model(name: str, directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+# The reference is a pure function of the weights and the prompt, and the embedded model's is slow (a
+# greedy run of 48 tokens takes seconds): the models load_reference gives are kept for the session (one
+# per directory whose weights are unchanged), and their results are remembered, so that the tests that
+# compare the engine, its stages and its tensor-parallel ranks with the same prompt compute it once.
+_MODELS: dict[tuple, object] = {}
+_RESULTS: dict[tuple, object] = {}
+
+
+def _weights_key(model_dir: Path) -> tuple:
+    """The directory and what its weight files are now (a rewritten file is another model)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    return (str(Path(model_dir).resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 def load_reference(model_dir: Path):  # noqa: ANN201 - a transformers model
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    key = _weights_key(model_dir)
+    if key not in _MODELS:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        model.tensorfleet_reference_key = key  # what reference_logits and reference_greedy remember it by
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def _remembered(kind: str, model, ids: list[int], n: int, compute):  # noqa: ANN001, ANN202
+    key = getattr(model, "tensorfleet_reference_key", None)
+    if key is None:  # not a model of load_reference (e.g. one moved to a GPU): computed each time
+        return compute()
+    what = (kind, key, tuple(ids), n)
+    if what not in _RESULTS:
+        _RESULTS[what] = compute()
+    result = _RESULTS[what]
+    return result.clone() if isinstance(result, torch.Tensor) else list(result)
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """Logits for every position of one unpadded prompt: [T, vocab]."""
+    return _remembered("logits", model, ids, 0, lambda: _logits(model, ids))
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    """n greedy tokens from the Hugging Face model, using its own KV cache."""
+    return _remembered("greedy", model, ids, n, lambda: _greedy(model, ids, n))
 
 
 @torch.no_grad()
-def reference_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
-    """Logits for every position of one unpadded prompt: [T, vocab]."""
+def _logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
     return model(torch.tensor([ids])).logits[0].float()
 
 
 @torch.no_grad()
-def reference_greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
-    """n greedy tokens from the Hugging Face model, using its own KV cache."""
+def _greedy(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
     # transformers renamed past_key_values to cache in 5.2x; the GPU image has an older 5.x.
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(torch.tensor([ids]), use_cache=True)

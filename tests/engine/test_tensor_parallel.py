@@ -4,6 +4,8 @@ plus the sharding math with fake ranks in one process and the divisibility error
 
 from __future__ import annotations
 
+import queue
+import time
 import traceback
 from datetime import timedelta
 
@@ -43,26 +45,87 @@ def _tp_worker(rank: int, world: int, port: int, model_dir: str, stages: int, pr
             dist.destroy_process_group()
 
 
-def run_tp(model_dir: str, world: int, prompts: list, free_port: int, *, stages: int = 1) -> list:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, world, free_port, model_dir, stages, prompts, results))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = results.get(timeout=TIMEOUT_S)
-            assert status == "ok", f"rank {rank} failed:\n{payload}"
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0] * world
-    return [got[r] for r in range(world)]
+def _tp_serve(rank: int, jobs, results) -> None:  # noqa: ANN001
+    """A worker process: runs rank ``rank`` of each job from ``jobs`` (a fresh process group each time) until
+    None comes."""
+    while (job := jobs.get()) is not None:
+        _tp_worker(rank, *job, results)
+
+
+class TPWorkers:
+    """Worker processes for the gloo runs, started once for the module and reused (rank r of every run is
+    worker r): each start imports torch and the engine, seconds of CPU, and the module's runs would start 15.
+    Each run is still its own process group on its own free port; a run that fails or times out takes the
+    workers down with it (the next run starts new ones), and the workers must all exit with 0 (``close``)."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.procs: list = []
+        self.jobs: list = []
+        self.exit_codes: list[int | None] = []  # of the workers already stopped
+
+    def run(self, model_dir: str, world: int, prompts: list, port: int, *, stages: int = 1) -> list:
+        while len(self.procs) < world:
+            jobs = self.ctx.Queue()
+            proc = self.ctx.Process(target=_tp_serve, args=(len(self.procs), jobs, self.results))
+            proc.start()
+            self.procs.append(proc)
+            self.jobs.append(jobs)
+        for rank in range(world):
+            self.jobs[rank].put((world, port, model_dir, stages, prompts))
+        got = {}
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while len(got) < world:
+                try:
+                    rank, status, payload = self.results.get(timeout=1)
+                except queue.Empty:
+                    dead = {r: p.exitcode for r, p in enumerate(self.procs) if not p.is_alive()}
+                    assert not dead, f"worker(s) exited during the run: {dead}"
+                    assert time.monotonic() < deadline, f"no result from every rank within {TIMEOUT_S} s: {sorted(got)}"
+                    continue
+                assert status == "ok", f"rank {rank} failed:\n{payload}"
+                got[rank] = payload
+        except BaseException:
+            self.stop(kill=True)  # ranks may be stuck in a collective: none is reused
+            raise
+        assert all(p.is_alive() for p in self.procs), [p.exitcode for p in self.procs]
+        return [got[r] for r in range(world)]
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the workers: asked to (their exit codes are kept for ``close``), or killed after a failed run
+        (with a new results queue: the old one may hold that run's late results)."""
+        for proc, jobs in zip(self.procs, self.jobs, strict=True):
+            if kill:
+                proc.kill()
+            else:
+                jobs.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            if not kill:
+                self.exit_codes.append(proc.exitcode)
+        self.procs, self.jobs = [], []
+        if kill:
+            self.results = self.ctx.Queue()
+
+    def close(self) -> None:
+        self.stop()
+        assert self.exit_codes == [0] * len(self.exit_codes), f"worker exit codes: {self.exit_codes}"
+
+
+@pytest.fixture(scope="module")
+def workers():  # noqa: ANN201 - a TPWorkers
+    w = TPWorkers()
+    yield w
+    w.close()
+
+
+def run_tp(workers: TPWorkers, model_dir: str, world: int, prompts: list, free_port: int, *, stages: int = 1) -> list:
+    return workers.run(model_dir, world, prompts, free_port, stages=stages)
 
 
 def check_against_reference(ref, per_rank: list, prompts: list) -> None:  # noqa: ANN001
@@ -74,28 +137,28 @@ def check_against_reference(ref, per_rank: list, prompts: list) -> None:  # noqa
 
 @pytest.mark.parametrize("name,stages", [("llama-gqa-tied", 1), ("qwen2-bias", 2), ("opt", 1),
                                          ("llama3-rope", 1)])
-def test_tp2_gloo_matches_transformers(tmp_path, free_port: int, name: str, stages: int) -> None:
+def test_tp2_gloo_matches_transformers(workers, tmp_path, free_port: int, name: str, stages: int) -> None:  # noqa: ANN001
     model_dir = make_random_model(name, tmp_path / name)
     prompts = random_prompts(load_hf_config(model_dir)["vocab_size"], [9, 23])
-    per_rank = run_tp(str(model_dir), 2, prompts, free_port, stages=stages)
+    per_rank = run_tp(workers, str(model_dir), 2, prompts, free_port, stages=stages)
     check_against_reference(load_reference(model_dir), per_rank, prompts)
 
 
-def test_tp4_replicates_kv_heads(tmp_path, free_port: int) -> None:
+def test_tp4_replicates_kv_heads(workers, tmp_path, free_port: int) -> None:  # noqa: ANN001
     """llama3-rope has 2 kv heads: at tp=4 each kv head is held by two ranks."""
     model_dir = make_random_model("llama3-rope", tmp_path / "m")
     prompts = random_prompts(load_hf_config(model_dir)["vocab_size"], [13])
-    per_rank = run_tp(str(model_dir), 4, prompts, free_port)
+    per_rank = run_tp(workers, str(model_dir), 4, prompts, free_port)
     check_against_reference(load_reference(model_dir), per_rank, prompts)
 
 
-def test_tp3_embedded_model(embedded_model_dir, free_port: int) -> None:  # noqa: ANN001
+def test_tp3_embedded_model(workers, embedded_model_dir, free_port: int) -> None:  # noqa: ANN001
     """SmolLM2 has 9 heads and 3 kv heads, so 3 is its tensor-parallel size (2 does not divide 9)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir)
     prompts = [tok.encode("The capital of France is")]
-    per_rank = run_tp(str(embedded_model_dir), 3, prompts, free_port)
+    per_rank = run_tp(workers, str(embedded_model_dir), 3, prompts, free_port)
     check_against_reference(load_reference(embedded_model_dir), per_rank, prompts)
 
 

@@ -24,6 +24,7 @@ and UNAVAILABLE with a transport error (the server went away).
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from collections.abc import Callable, Mapping
@@ -107,10 +108,17 @@ def floats(width: int = 64) -> st.SearchStrategy[float]:
     return st.one_of(specials, st.floats(width=width), st.floats(0, 2, width=width))
 
 
+# Strategies are built once, never inside a draw: hypothesis validates every new strategy object the first
+# time it is drawn from, which costs more than the draw itself (a few fuzz cases a second on 2 cores).
+_ONE_IN_4, _ONE_IN_5, _ONE_IN_16 = st.integers(0, 3), st.integers(0, 4), st.integers(0, 15)  # 0: one time in n
+_COIN = st.booleans()
+_LONG_PIECE = st.one_of(st.just("x"), st.text(string.printable, min_size=1, max_size=8), TEXT.filter(bool))
+
+
 @st.composite
 def long_text(draw: Callable) -> str:
     """A very long string: a random piece repeated (cheap to draw), mostly ASCII."""
-    piece = draw(st.one_of(st.just("x"), st.text(string.printable, min_size=1, max_size=8), TEXT.filter(bool)))
+    piece = draw(_LONG_PIECE)
     n = draw(st.integers(1000, LONG_CHARS))
     return (piece * (n // len(piece) + 1))[:n]
 
@@ -162,7 +170,7 @@ def repeat_to(draw: Callable, items: st.SearchStrategy[list], longest: int) -> l
     """A list drawn from ``items``; now and then cycled out to a long length (long repeated fields are
     cheap to draw this way)."""
     values = draw(items)
-    if values and draw(st.integers(0, 15)) == 0:
+    if values and draw(_ONE_IN_16) == 0:
         n = draw(st.integers(len(values), longest))
         values = (values * (n // len(values) + 1))[:n]
     return values
@@ -195,7 +203,14 @@ class _Builder:
         if key not in self.cache:
             fields = [(f, _join(path, f.name), self.field(f, _join(path, f.name), depth, long))
                       for f in descriptor.fields]
-            self.cache[key] = _message(descriptor, self.hints, path, fields)
+            oneofs = []  # (oneof name, strategy of its chosen field's name or None); not the synthetic ones
+            for o in descriptor.oneofs:
+                if len(o.fields) == 1 and o.name == "_" + o.fields[0].name:
+                    continue
+                hint = f"oneof:{_join(path, o.name)}"
+                oneofs.append((o.name, self.hints[hint] if hint in self.hints
+                               else st.sampled_from([None, *(f.name for f in o.fields)])))
+            self.cache[key] = _message(descriptor, self.hints, fields, oneofs)
         return self.cache[key]
 
     def field(self, f: FieldDescriptor, path: str, depth: int, long: bool) -> st.SearchStrategy:
@@ -217,21 +232,16 @@ class _Builder:
 
 
 @st.composite
-def _message(draw: Callable, descriptor: Descriptor, hints: dict, path: str, fields: list) -> Any:
+def _message(draw: Callable, descriptor: Descriptor, hints: dict, fields: list, oneofs: list) -> Any:
     msg = message_factory.GetMessageClass(descriptor)()
-    chosen = {}
-    for o in descriptor.oneofs:
-        if len(o.fields) == 1 and o.name == "_" + o.fields[0].name:
-            continue
-        key = f"oneof:{_join(path, o.name)}"
-        chosen[o.name] = draw(hints[key] if key in hints else st.sampled_from([None, *(f.name for f in o.fields)]))
+    chosen = {name: draw(strategy) for name, strategy in oneofs}
     for f, fpath, strategy in fields:
         o = f.containing_oneof
         if o is not None and not _synthetic(f) and chosen.get(o.name) != f.name:
             continue
-        if fpath in hints and (isinstance(hints[fpath], Always) or draw(st.integers(0, 3)) > 0):
+        if fpath in hints and (isinstance(hints[fpath], Always) or draw(_ONE_IN_4) > 0):
             value = draw(hints[fpath].strategy if isinstance(hints[fpath], Always) else hints[fpath])
-        elif (o is None or _synthetic(f)) and not f.is_repeated and not draw(st.booleans()):
+        elif (o is None or _synthetic(f)) and not f.is_repeated and not draw(_COIN):
             continue  # unset (a oneof's chosen field is always set)
         else:
             value = draw(strategy)
@@ -268,19 +278,24 @@ def _assign(msg: Any, f: FieldDescriptor, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------- raw bytes
+_EDITS = st.sampled_from(["set", "insert", "delete", "truncate"])
+_EDIT_COUNT, _BYTE, _DELETED = st.integers(1, 4), st.integers(0, 255), st.integers(1, 8)
+_INSERTED = st.binary(min_size=1, max_size=8)
+
+
 @st.composite
 def mutated(draw: Callable, serialized: bytes) -> bytes:
     """``serialized`` with a few random edits: bytes overwritten, inserted or dropped, or cut short."""
     data = bytearray(serialized)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["set", "insert", "delete", "truncate"]))
+    for _ in range(draw(_EDIT_COUNT)):
+        op = draw(_EDITS)
         at = draw(st.integers(0, len(data)))
         if op == "set" and at < len(data):
-            data[at] = draw(st.integers(0, 255))
+            data[at] = draw(_BYTE)
         elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+            data[at:at] = draw(_INSERTED)
         elif op == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
+            del data[at:at + draw(_DELETED)]
         else:
             del data[at:]
     return bytes(data)
@@ -422,18 +437,31 @@ def _valid_sequences(draw: Callable, facts: Facts, sampling: st.SearchStrategy) 
     return out
 
 
+_FLOAT32_SPECIALS = st.sampled_from([b"\0\0\x80\x7f", b"\0\0\xc0\x7f", b"\0\0\x80?"])  # inf, NaN, 1.0
+
+
+@functools.cache
+def _hidden_widths(hidden_size: int) -> st.SearchStrategy[int]:
+    return st.sampled_from([hidden_size] * 5 + [hidden_size + 1])
+
+
+@functools.cache
+def _float32_data(values: int) -> st.SearchStrategy[bytes]:
+    """``values`` float32 values as bytes: random bits, or one special value repeated."""
+    return st.one_of(st.binary(min_size=values * 4, max_size=values * 4),
+                     _FLOAT32_SPECIALS.map(lambda v: v * values))
+
+
 @st.composite
 def _step_with_hidden(draw: Callable, facts: Facts, steps: st.SearchStrategy) -> node_pb2.StepMessage:
     """A step whose hidden states fit its tokens (random float32 bits, NaN and inf included) three times
     in four: only such steps reach the layers of a stage after the first."""
     msg = draw(steps)
     n = sum(len(s.token_ids) for s in msg.sequences)
-    if msg.sequences and n <= 64 and draw(st.integers(0, 3)) > 0:
+    if msg.sequences and n <= 64 and draw(_ONE_IN_4) > 0:
         msg.ClearField("encoded_hidden")
-        width = draw(st.sampled_from([facts.hidden_size] * 5 + [facts.hidden_size + 1]))
-        data = draw(st.one_of(st.binary(min_size=n * width * 4, max_size=n * width * 4),
-                              st.sampled_from([b"\0\0\x80\x7f", b"\0\0\xc0\x7f", b"\0\0\x80?"]).map(
-                                  lambda v: v * (n * width))))
+        width = draw(_hidden_widths(facts.hidden_size))
+        data = draw(_float32_data(n * width))
         msg.hidden.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[n, width], data=data))
     return msg
 
@@ -487,32 +515,59 @@ def _short(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-@st.composite
-def credentials(draw: Callable, kind: str, secrets: Secrets) -> tuple[str, bool, tuple]:
+_WRONG_SECRET = st.text(string.ascii_letters + string.digits + "-_", max_size=80)
+_EXTRA_KEY = st.text(string.ascii_lowercase + string.digits + "-_.", min_size=1, max_size=12)
+_EXTRA_BIN = st.binary(max_size=32)
+_EXTRA_TEXT = st.text(string.printable.strip() + " ", max_size=40).map(str.strip)
+_TWO_ORDERS = st.permutations([0, 1])  # which of two headers comes first
+_EXTRA_COUNT = st.integers(0, 2)
+
+
+class _Credentials:
+    """The strategies ``_credentials`` draws from, built once per kind of secret (short repr: see _Parts)."""
+
+    def __init__(self, kind: str, secrets: Secrets) -> None:
+        self.kind, self.secrets = kind, secrets
+        self.valid = valid = {"client": secrets.client, "node": secrets.node, "data": secrets.data}[kind]
+        others = [s for k, s in (("client", secrets.client), ("node", secrets.node), ("data", secrets.data))
+                  if k != kind and s]
+        labels = ["valid"] * 7 + ["missing", "wrong", "other-kind", "malformed", "duplicate"]
+        if kind == "data" and secrets.stale_data:
+            labels.append("stale")
+        self.labels = st.sampled_from(labels)
+        self.wrong = st.one_of(st.sampled_from(["tfkey-made-up", "tfjoin-x", "tfdata-0", valid[:-1]]), _WRONG_SECRET)
+        self.others = st.sampled_from(others)
+        self.malformed = st.sampled_from([f"bearer {valid}", f"Bearer  {valid}", "Bearer ", "Bearer",
+                                          f"Basic {valid}", valid, f"Bearer {valid}x", f"Bearer {valid[1:]}"])
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} credentials>"
+
+
+def credentials(kind: str, secrets: Secrets) -> st.SearchStrategy[tuple[str, bool, tuple]]:
     """(label, accepted, metadata): the valid secret of ``kind`` most of the time, else one of the ways it
     can be wrong; sometimes with unrelated metadata beside it."""
-    valid = {"client": secrets.client, "node": secrets.node, "data": secrets.data}[kind]
-    others = [s for k, s in (("client", secrets.client), ("node", secrets.node), ("data", secrets.data))
-              if k != kind and s]
-    labels = ["valid"] * 7 + ["missing", "wrong", "other-kind", "malformed", "duplicate"]
-    if kind == "data" and secrets.stale_data:
-        labels.append("stale")
-    label = draw(st.sampled_from(labels))
-    wrong = "Bearer " + draw(st.one_of(st.sampled_from(["tfkey-made-up", "tfjoin-x", "tfdata-0", valid[:-1]]),
-                                       st.text(string.ascii_letters + string.digits + "-_", max_size=80)))
-    auth = {"valid": [f"Bearer {valid}"], "missing": [], "wrong": [wrong],
-            "other-kind": [f"Bearer {draw(st.sampled_from(others))}"], "stale": [f"Bearer {secrets.stale_data}"],
-            "malformed": [draw(st.sampled_from([f"bearer {valid}", f"Bearer  {valid}", "Bearer ", "Bearer",
-                                                f"Basic {valid}", valid, f"Bearer {valid}x", f"Bearer {valid[1:]}"]))],
-            "duplicate": draw(st.permutations([f"Bearer {valid}", wrong]))}[label]
+    return _credentials(_Credentials(kind, secrets))
+
+
+@st.composite
+def _credentials(draw: Callable, c: _Credentials) -> tuple[str, bool, tuple]:
+    valid, secrets = c.valid, c.secrets
+    label = draw(c.labels)
+    wrong = "Bearer " + draw(c.wrong)
+    # Every alternative is drawn whatever the label (as it always was: the cases stay those of a given seed).
+    other, malformed, order = draw(c.others), draw(c.malformed), draw(_TWO_ORDERS)
+    auth = {"valid": [f"Bearer {valid}"], "missing": [], "wrong": [wrong], "other-kind": [f"Bearer {other}"],
+            "stale": [f"Bearer {secrets.stale_data}"], "malformed": [malformed],
+            "duplicate": [[f"Bearer {valid}", wrong][i] for i in order]}[label]
     accepted = bool(auth) and auth[0] == f"Bearer {valid}"  # the first authorization header counts
     metadata = [("authorization", a) for a in auth]
-    for _ in range(draw(st.integers(0, 2)) if draw(st.integers(0, 4)) == 0 else 0):
-        key = "x-fuzz-" + draw(st.text(string.ascii_lowercase + string.digits + "-_.", min_size=1, max_size=12))
+    for _ in range(draw(_EXTRA_COUNT) if draw(_ONE_IN_5) == 0 else 0):
+        key = "x-fuzz-" + draw(_EXTRA_KEY)
         if key.endswith("-bin"):
-            metadata.append((key, draw(st.binary(max_size=32))))
+            metadata.append((key, draw(_EXTRA_BIN)))
         else:
-            metadata.append((key, draw(st.text(string.printable.strip() + " ", max_size=40).map(str.strip))))
+            metadata.append((key, draw(_EXTRA_TEXT)))
     return label, accepted, tuple(metadata)
 
 
@@ -534,18 +589,22 @@ class _Parts:
                  raws: st.SearchStrategy, accept: Callable | None) -> None:
         self.rpc, self.facts, self.creds, self.requests, self.raws, self.accept = (
             rpc, facts, creds, requests, raws, accept)
+        self.targets = st.integers(0, max(facts.num_targets - 1, 0))
 
     def __repr__(self) -> str:
         return f"<{self.rpc.name} cases>"
+
+
+_STREAM_LENGTHS = st.sampled_from([0, 1, 1, 1, 2, 3, 4])
 
 
 @st.composite
 def _cases(draw: Callable, parts: _Parts) -> Case:
     rpc = parts.rpc
     label, accepted, metadata = draw(parts.creds)
-    target = draw(st.integers(0, max(parts.facts.num_targets - 1, 0)))
-    count = draw(st.sampled_from([0, 1, 1, 1, 2, 3, 4])) if rpc.request_streaming else 1
-    if draw(st.integers(0, 4)) == 0:
+    target = draw(parts.targets)
+    count = draw(_STREAM_LENGTHS) if rpc.request_streaming else 1
+    if draw(_ONE_IN_5) == 0:
         case = Case(rpc, label, accepted, metadata, target, raw=tuple(draw(parts.raws) for _ in range(count)))
     else:
         case = Case(rpc, label, accepted, metadata, target,

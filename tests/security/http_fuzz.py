@@ -17,6 +17,7 @@ it is 200, and Prometheus text from /metrics.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import math
@@ -117,10 +118,16 @@ def _ids(min_size: int = 0) -> st.SearchStrategy:
     return st.lists(_ints(0, VOCAB - 1), min_size=min_size, max_size=12)
 
 
+# Strategies are built once (functools.cache, module constants), never inside a draw: hypothesis validates
+# every new strategy object the first time it is drawn from, which costs more than the draw itself.
+_NONEMPTY_TEXT = TEXT.filter(bool)
+
+
+@functools.cache
 def _text() -> st.SearchStrategy:
     """Short text (not empty mostly: an empty prompt is refused before it reaches the scheduler), and
     very long text now and then."""
-    return _mostly(_mostly(TEXT.filter(bool), st.just("")), long_text(), 1 / 32)
+    return _mostly(_mostly(_NONEMPTY_TEXT, st.just("")), long_text(), 1 / 32)
 
 
 # Each field's valid values (now and then just out of range); a body also gets, one time in three, one
@@ -141,12 +148,14 @@ CHAT = {"max_completion_tokens": _ints(1, 4), "logprobs": _mostly(st.just(False)
         "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "text", "json_object"])})}
 
 
+@functools.cache
 def _prompt() -> st.SearchStrategy:
     """A text, token ids, or a list of them (one: several prompts in one call are refused)."""
     one = st.one_of(_text(), _ids(1))
     return st.one_of(one, _mostly(st.lists(one, min_size=1, max_size=1), st.lists(one, max_size=3)))
 
 
+@functools.cache
 def _message() -> st.SearchStrategy:
     role = _mostly(st.sampled_from(["system", "developer", "user", "assistant", "tool"]), TEXT)
     part = st.fixed_dictionaries({"type": _mostly(st.just("text"), TEXT)}, optional={"text": TEXT})
@@ -165,10 +174,10 @@ def bodies(draw: Callable, endpoint: str, model: str) -> object:
     else:
         body["messages"] = draw(_mostly(st.lists(_message(), min_size=1, max_size=4), st.lists(ANY, max_size=2)))
         optional = {**SAMPLING, **CHAT}
-    for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=5, unique=True)):
+    for name in draw(st.lists(st.sampled_from(tuple(sorted(optional))), max_size=5, unique=True)):
         body[name] = draw(optional[name])
     if draw(UNIFORM).random() < 1 / 3:  # one field of any type at all, or one field left out
-        name = draw(st.sampled_from(sorted(body)))
+        name = draw(st.sampled_from(tuple(sorted(body))))
         if draw(st.booleans()):
             body[name] = draw(ANY)
         else:
@@ -177,6 +186,7 @@ def bodies(draw: Callable, endpoint: str, model: str) -> object:
 
 
 # ----------------------------------------------------------------------------------------- requests
+@functools.cache
 def _auth(secrets: Secrets) -> st.SearchStrategy[tuple[tuple[str, str], ...]]:
     valid = (("authorization", f"Bearer {secrets.api_key}"),)
     return _mostly(st.just(valid), st.one_of(st.just(()), st.sampled_from([
@@ -191,15 +201,20 @@ def _encode(value: object) -> bytes:
     return json.dumps(value, allow_nan=True).encode("utf-8", "surrogatepass")
 
 
+_METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+_CONTENT_TYPES = _mostly(st.just("application/json"), TEXT.map(
+    lambda t: "".join(ch for ch in t if ch.isprintable() and ord(ch) < 128)))
+
+
 @st.composite
 def cases(draw: Callable, endpoint: str, model: str, secrets: Secrets) -> Case:
     method, path = ENDPOINTS[endpoint]
     if endpoint == "model":
-        name = draw(st.one_of(st.just(model), TEXT.filter(bool)))
+        name = draw(st.one_of(st.just(model), _NONEMPTY_TEXT))
         path = path.format(model=urllib.parse.quote(name, safe=""))
     rng = draw(UNIFORM)
     if rng.random() < 1 / 16:
-        method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
+        method = draw(_METHODS)
     if rng.random() < 1 / 16:
         path += "?" + urllib.parse.urlencode(draw(st.dictionaries(TEXT, TEXT, max_size=3)))
     headers = list(draw(_auth(secrets)))
@@ -222,8 +237,7 @@ def cases(draw: Callable, endpoint: str, model: str, secrets: Secrets) -> Case:
         declared = MAX_BODY + draw(st.integers(1, 1 << 20))
         body = b"x" * 1024
     if body or kind in ("json", "shaped"):
-        ctype = draw(_mostly(st.just("application/json"), TEXT.map(
-            lambda t: "".join(ch for ch in t if ch.isprintable() and ord(ch) < 128))))
+        ctype = draw(_CONTENT_TYPES)
         headers.append(("content-type", ctype))
     return Case(endpoint, method, path, tuple(headers), body, declared, note)
 
