@@ -25,147 +25,24 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator.logs import log
+from coordinator.openai_schema import ApiError, ChatBody, CompletionBody, Sampling, check_unicode
 from coordinator.scheduler import Event, Request
 from engine.errors import TensorfleetError
-from engine.sampling import SamplingParams
 from node.security import presented
 
 MAX_BODY_BYTES = 4 << 20  # as the gRPC receive limit (node/stream.py CONTROL_SERVER_OPTIONS)
 MAX_REQUEST_ID_CHARS = 128
 DISCONNECT_POLL_S = 0.5
-
-
-class ApiError(Exception):
-    """An error for the client, rendered in the OpenAI format."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-# ------------------------------------------------------------------------------------ request bodies
-class _Sampling(BaseModel):
-    """Fields both generation endpoints share. Unknown fields are ignored (clients send ``user``,
-    ``metadata`` and the like); known ones that are not implemented are refused in ``unsupported``."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = 1
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    # Extras (vLLM's names): what the engine's sampler offers beyond the OpenAI fields.
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
-
-    def unsupported(self) -> list[str]:
-        found = []
-        if self.n not in (None, 1):
-            found.append("n (only 1)")
-        if self.presence_penalty or self.frequency_penalty:
-            found.append("presence_penalty/frequency_penalty (use repetition_penalty)")
-        if self.logit_bias:
-            found.append("logit_bias")
-        return found
-
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
-                              top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
-                              min_p=self.min_p or 0.0,
-                              repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                              max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-                              seed=self.seed, ignore_eos=bool(self.ignore_eos))
-
-    @property
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-    def unsupported(self) -> list[str]:
-        found = super().unsupported()
-        if self.logprobs is not None:
-            found.append("logprobs")
-        if self.best_of not in (None, 1):
-            found.append("best_of")
-        if self.suffix:
-            found.append("suffix")
-        return found
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        if any(p.type != "text" for p in self.content):
-            raise ApiError(400, "only text content parts are supported", param="messages")
-        return "".join(p.text or "" for p in self.content)
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> list[str]:
-        found = super().unsupported()
-        if self.logprobs:
-            found.append("logprobs")
-        if self.tools:
-            found.append("tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            found.append("response_format")
-        return found
 
 
 # --------------------------------------------------------------------------------- event delivery
@@ -245,23 +122,6 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _check_unicode(value: Any, where: str = "") -> None:
-    """JSON may escape lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer can take: refuse them (400)
-    before anything tokenizes the request."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, f"{where or 'a string'} is not valid Unicode (a lone surrogate)",
-                           param=where.split(".")[0] or None) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_unicode(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_unicode(v, f"{where}[{i}]")
-
-
 def _bearer(http: HttpRequest) -> str | None:
     """The API key of ``Authorization: Bearer KEY``, parsed as the gRPC guard parses it."""
     key = presented(http.headers.items())
@@ -322,10 +182,10 @@ class HttpApi:
         return {"id": self.coordinator.model_name, "object": "model", "created": int(self.coordinator.started),
                 "owned_by": "tensorfleet", "max_model_len": self.coordinator.config.max_seq_len}
 
-    async def _admit(self, http: HttpRequest, body: _Sampling, encode, max_tokens: int | None) -> Generation:  # noqa: ANN001
+    async def _admit(self, http: HttpRequest, body: Sampling, encode, max_tokens: int | None) -> Generation:  # noqa: ANN001
         """Checks, tokenization (in a worker thread: long prompts take a while) and admission."""
         self.authorize(http)
-        _check_unicode(body.model_dump())
+        check_unicode(body.model_dump())
         self._check_model(body.model)
         unsupported = body.unsupported()
         if unsupported:
@@ -431,7 +291,7 @@ class _Render:
     object_whole = object_chunk = ""
     id_prefix = ""
 
-    def __init__(self, api: HttpApi, body: _Sampling) -> None:
+    def __init__(self, api: HttpApi, body: Sampling) -> None:
         self.api, self.body = api, body
         self.created = int(time.time())
 

@@ -17,8 +17,9 @@ Cost model (all estimates, per decode token at small batch):
 Search: for a bound T on stage time every unit can take a known number of layers in each role (first
 stage: also the embedding; last: also the head), so choosing disjoint units whose capacities cover all
 layers is a small dynamic program over devices (TP groups are windows of a node's devices sorted by
-speed; with ``span_nodes``, windows of all the cluster's devices of a kind, ordered by node, so that a
-group may take the devices of several nodes). A binary search over the candidate times finds the least T for each stage count.
+speed; with ``span_nodes``, windows of all the cluster's devices of a kind, ordered by node, so that
+a group may take the devices of several nodes). A binary search over the candidate times finds the least
+T for each stage count.
 """
 
 from __future__ import annotations

@@ -381,7 +381,6 @@ def compare_logits(got: Any, want: Any) -> dict[str, Any]:
 
 
 def section_tp_logits(bench: Bench, entry: dict[str, Any]) -> None:
-    import torch
 
     from engine.config import ModelConfig
     from engine.model_source import load_hf_config
@@ -652,7 +651,6 @@ def time_reducer(spec: str, mine: Any, exact: Any, job: dict[str, Any]) -> dict[
 
 
 def section_allreduce(bench: Bench, entry: dict[str, Any]) -> None:
-    import torch
 
     from engine.model_source import load_hf_config
 

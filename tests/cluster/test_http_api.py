@@ -139,7 +139,7 @@ def test_bad_requests_get_openai_errors(api, model: str, kwargs: dict, error: st
 
 def test_a_lone_surrogate_is_a_bad_request(cluster: LocalCluster, model: str) -> None:
     """JSON may escape a lone UTF-16 surrogate, which no tokenizer takes (the HTTP fuzzing found a 500)."""
-    body = ('{"model": "%s", "max_tokens": 1, "messages": [{"role": "system", "content": "a\\ud800b"}]}' % model)
+    body = json.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "system", "content": "a\ud800b"}]})
     request = urllib.request.Request(cluster.http_url + "/v1/chat/completions", data=body.encode(), method="POST",
                                      headers={"Authorization": f"Bearer {cluster.api_key}",
                                               "Content-Type": "application/json"})
