@@ -17,13 +17,12 @@ _DEVICE = re.compile(r"cpu(:\d+)?|cuda(:\d+)?")
 
 def parse_address(text: str) -> str:
     """Checks HOST:PORT (IPv6 hosts in brackets: [::1]:50051) and returns it unchanged."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or host == "[]":
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 10.0.0.5:50051)")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise argparse.ArgumentTypeError(f"{text!r}: put an IPv6 host in brackets, e.g. [::1]:50051")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number in 1..65535")
+    from node.stream import split_address
+
+    try:
+        split_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

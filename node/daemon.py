@@ -34,7 +34,7 @@ from engine.logs import log_line
 from node.control import ControlPipe
 from node.executor import GROUP_FORM_TIMEOUT_S, MAX_GROUP, ExecutorSpec, executor_main, standby_main
 from node.security import Guard, add_port, add_reflection, open_channel, require, status_details, with_bearer
-from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS
+from node.stream import CHANNEL_OPTIONS, CONTROL_SERVER_OPTIONS, split_address
 from node.telemetry import Telemetry
 from node.wire import dtype_from_proto
 from tensorfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
@@ -63,16 +63,6 @@ class NodeConfig:
 
 def log(msg: str) -> None:
     log_line("node", msg)
-
-
-def split_address(text: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv6 host in brackets) as (host, port); ValueError if it is not one."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or ":" in host and not text.startswith("[") or not port.isdigit() \
-            or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, int(port)
 
 
 class NodeDaemon(node_pb2_grpc.NodeServicer):

@@ -16,6 +16,19 @@ import grpc
 
 from tensorfleet.v1 import node_pb2, node_pb2_grpc
 
+
+def split_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:50051) as (host, port), brackets removed; ValueError that
+    says what is wrong otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host == "[]":
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 10.0.0.5:50051)")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{text!r}: put an IPv6 host in brackets, e.g. [::1]:50051")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number in 1..65535")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
 # Activations of a long prefill are tens of MB; gRPC's default limit is 4 MB.
 MAX_MESSAGE_BYTES = 512 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from node.daemon import NodeDaemon, split_address
+from node.daemon import NodeDaemon
+from node.stream import split_address
 from tensorfleet.v1 import common_pb2, node_pb2
 
 
@@ -42,7 +43,7 @@ def test_valid_groups(req: node_pb2.LoadStageRequest) -> None:
     (request([(0, 1)], world=2, store="h:1", members=2), "store prefix"),
     (request([(0, 1)], world=2, store="h:1", prefix="p", members=1), "names its 2 members"),
     (request([(0, 1)], world=2, store="h", prefix="p", members=2), "is not HOST:PORT"),
-    (request([(0, 1)], world=2, store="h:0", prefix="p", members=2), "is not HOST:PORT"),
+    (request([(0, 1)], world=2, store="h:0", prefix="p", members=2), "1..65535"),
     (request([(0, 1)], world=1), "below the group's world size"),
     (request([(0, 0)], world=100, store="h:1", prefix="p", members=100), "more than 64"),
 ])
@@ -54,6 +55,6 @@ def test_refused_groups(req: node_pb2.LoadStageRequest, message: str) -> None:
 def test_split_address() -> None:
     assert split_address("10.0.0.5:29500") == ("10.0.0.5", 29500)
     assert split_address("[::1]:29500") == ("::1", 29500)
-    for bad in ("::1:29500", "host", ":1", "host:65536", "host:x"):
+    for bad in ("::1:29500", "host", ":1", "[]:1", "host:65536", "host:0", "host:x"):
         with pytest.raises(ValueError):
             split_address(bad)
