@@ -52,6 +52,10 @@ class StepMeta:
     # row's slot, masked beyond the row's position on the device.
     static: bool = False
     sliding_window: int | None = None
+    # A static step whose attention runs in the fused kernels (engine/kernels.py), its keys split over
+    # ``attn_splits`` programs per row and kv head.
+    fused: bool = False
+    attn_splits: int = 1
 
     @property
     def batch(self) -> int:
@@ -107,14 +111,16 @@ class StepMeta:
 
     @staticmethod
     def static_decode(slots: torch.Tensor, positions: torch.Tensor, kv_len: int, *,
-                      sliding_window: int | None = None) -> StepMeta:
+                      sliding_window: int | None = None, fused: bool = False, attn_splits: int = 1) -> StepMeta:
         """A decode step over the device tensors ``slots`` and ``positions`` ([B] int64 each, filled in
-        before every run): its shapes are fixed, its values are not."""
+        before every run): its shapes are fixed, its values are not. ``fused``: attention in the fused
+        kernels, which read each row's own length (``kv_len`` then only sizes ``attn_splits``)."""
         batch = int(slots.shape[0])
         return StepMeta(slots=[], starts=[], lengths=[1] * batch, positions=positions, write_slots=slots,
                         last_index=torch.arange(batch, device=slots.device), decode_rows=list(range(batch)),
                         decode_index=None, decode_slots=slots, decode_kv_len=kv_len, decode_mask=None,
-                        segments=[], static=True, sliding_window=sliding_window)
+                        segments=[], static=True, sliding_window=sliding_window, fused=fused,
+                        attn_splits=attn_splits)
 
 
 def _segment_mask(start: int, length: int, window: int | None, device: torch.device | str) -> torch.Tensor | None:
@@ -169,6 +175,21 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache
         o = _sdpa(qs, keys, values, seg.mask, seg.mask is None, scale)  # [1, heads, T, d]
         out[seg.lo:seg.hi] = o[0].transpose(0, 1).to(dtype)
     return out.reshape(num_tokens, heads * dim)
+
+
+def fused_decode_attention(qkv: torch.Tensor, *, cache: KVCache, layer: int, meta: StepMeta, num_heads: int,
+                           num_kv_heads: int, head_dim: int, rotary: bool, scale: float | None = None) -> torch.Tensor:
+    """A fused static decode step's attention (engine/kernels.py): RoPE and the cache write in one kernel,
+    attention over each row's slot in place in one (or two, with split keys). qkv: [B, (heads + 2 *
+    kv_heads) * d] from the fused projection. Returns [B, heads * d]."""
+    from engine import kernels
+
+    k_cache, v_cache = cache.k[layer], cache.v[layer]
+    q = kernels.rope_and_write(qkv, meta.extras["rope"] if rotary else None, meta.positions, meta.write_slots,
+                               k_cache, v_cache, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return kernels.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.positions,
+                                    scale=scale if scale is not None else head_dim ** -0.5,
+                                    window=meta.sliding_window, splits=meta.attn_splits)
 
 
 def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: StepMeta,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import kernels
 from engine.attention import StepMeta
 from engine.kv_cache import KVCache
 
@@ -122,8 +123,10 @@ class DecodeGraphs:
             x = torch.zeros(batch, self.stage.cfg.hidden_size, dtype=self.stage.dtype, device=device)
         spare = torch.full((batch,), self.cache.spare_slot, dtype=torch.long, device=device)
         g = _Graph(graph=None, x=x, slots=spare, positions=torch.zeros(batch, dtype=torch.long, device=device))
-        g.meta = StepMeta.static_decode(g.slots, g.positions, context,
-                                        sliding_window=self.stage.cfg.sliding_window)
+        fused = self.stage.fused_kernels
+        splits = kernels.num_splits(batch, self.stage.num_kv_heads, context) if fused else 1
+        g.meta = StepMeta.static_decode(g.slots, g.positions, context, sliding_window=self.stage.cfg.sliding_window,
+                                        fused=fused, attn_splits=splits)
         if self.capture:
             self._capture(g)
         self.graphs[(batch, context)] = g

@@ -18,6 +18,7 @@ from engine.errors import ConfigError
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_source import load_hf_config
 from engine.models import FAMILY_CLASSES
+from engine.models.common import GatedMLP
 from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range, onednn_pays
 from engine.weights import WeightReader
 
@@ -45,6 +46,7 @@ class StageModel(nn.Module):
         self.cfg, self.start, self.end, self.tp = cfg, start, end, tp
         self.dtype, self.device = dtype, torch.device(device)
         self.is_first, self.is_last = start == 0, end == cfg.num_layers
+        self.fused_kernels = False  # set by optimize_kernels
         family = FAMILY_CLASSES[cfg.family]
         self.family = family(cfg, device=device)
         kw = {"dtype": dtype, "device": device}
@@ -84,12 +86,20 @@ class StageModel(nn.Module):
                 part.load(reader)
                 bar.update(1)
 
-    def optimize_kernels(self) -> None:
-        """After ``load``: move weights to the fastest kernel's layout for this device and dtype."""
+    def optimize_kernels(self, *, fused: bool = True) -> None:
+        """After ``load``: move weights to the fastest kernel's layout for this device and dtype, and on
+        CUDA (with Triton) use the fused decode kernels of engine/kernels.py, unless ``fused`` is False."""
         if onednn_pays(self.device, self.dtype):
             for module in self.modules():
                 if isinstance(module, (ShardedLinear, ParallelLMHead)):
                     module.use_onednn()
+        from engine import kernels
+
+        self.fused_kernels = fused and kernels.available(self.device)
+        if self.fused_kernels:
+            for module in self.modules():
+                if isinstance(module, GatedMLP):
+                    module.use_fused_kernels()
 
     def kv_spec(self, *, num_slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         return KVCacheSpec(num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,

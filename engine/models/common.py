@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import StepMeta, cached_attention
+from engine.attention import StepMeta, cached_attention, fused_decode_attention
 from engine.config import ModelConfig, RopeConfig
 from engine.kv_cache import KVCache
 from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range
@@ -134,6 +134,10 @@ class Attention(nn.Module):
                                     reduce_key=reduce_key, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+        if meta.fused:
+            return self.o_proj(fused_decode_attention(self.qkv(x), cache=cache, layer=self.layer, meta=meta,
+                                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                                      head_dim=self.head_dim, rotary=self.rotary))
         qkv = self.qkv(x).view(x.shape[0], -1, self.head_dim)  # [N, heads + 2 * kv_heads, d]
         rotated = self.num_heads + self.num_kv_heads
         qk = qkv[:, :rotated]
@@ -173,12 +177,21 @@ class GatedMLP(nn.Module):
         self.inter = tp.split(cfg.intermediate_size, "intermediate_size")
         self.start = tp.rank * self.inter
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_act = cfg.hidden_act
+        self.fused_act = False  # silu(gate) * up in one kernel (engine/kernels.py): see use_fused_kernels
         self.gate_up = ShardedLinear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias, tp=tp,
                                      dtype=dtype, device=device)
         self.down = ShardedLinear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, tp=tp, reduce_results=True,
                                   reduce_key=reduce_key, dtype=dtype, device=device)
 
+    def use_fused_kernels(self) -> None:
+        self.fused_act = self.hidden_act == "silu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_act:
+            from engine.kernels import silu_mul
+
+            return self.down(silu_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
