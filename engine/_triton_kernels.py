@@ -142,3 +142,14 @@ def silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.const
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
     out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, eps, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    mask = d < D
+    x = tl.load(x_ptr + row * stride_x + d, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    tl.store(out_ptr + row * stride_out + d, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)

@@ -95,6 +95,13 @@ class ShardedLinear(nn.Module):
                      if bias else None)
 
         self.weight_onednn: torch.Tensor | None = None
+        self.fuse_residual = False  # see use_fused_residual
+
+    def use_fused_residual(self) -> None:
+        """Add ``forward``'s residual inside the matrix product (``torch.addmm``: one kernel, not two)
+        where nothing comes between them: no all-reduce, no bias, no prepacked weight."""
+        self.fuse_residual = (self.reduce_results and self.tp.size == 1 and self.bias is None
+                              and self.weight_onednn is None)
 
     def use_onednn(self) -> None:
         """Keep the weight prepacked for oneDNN instead (see ``onednn_pays``); frees the original."""
@@ -106,11 +113,17 @@ class ShardedLinear(nn.Module):
             return F.linear(x, self.weight, bias)
         return onednn_linear(x, self.weight_onednn, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias), all-reduced if row-parallel, plus ``residual`` if given."""
+        if residual is not None and self.fuse_residual:
+            return torch.addmm(residual, x, self.weight.t())
         if not self.reduce_results:
-            return self._matmul(x, self.bias)
-        y = self.tp.all_reduce(self._matmul(x, None), key=self.reduce_key)
-        return y + self.bias if self.bias is not None else y
+            y = self._matmul(x, self.bias)
+        else:
+            y = self.tp.all_reduce(self._matmul(x, None), key=self.reduce_key)
+            if self.bias is not None:
+                y = y + self.bias
+        return y if residual is None else residual + y
 
 
 # oneDNN picks its blocking for an expected batch; 8 served batches 1 to 64 well in measurements.

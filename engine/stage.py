@@ -18,7 +18,7 @@ from engine.errors import ConfigError
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_source import load_hf_config
 from engine.models import FAMILY_CLASSES
-from engine.models.common import GatedMLP
+from engine.models.common import GatedMLP, RMSNorm
 from engine.parallel import ParallelLMHead, ShardedLinear, TPGroup, kv_head_range, onednn_pays
 from engine.weights import WeightReader
 
@@ -97,9 +97,19 @@ class StageModel(nn.Module):
 
         self.fused_kernels = fused and kernels.available(self.device)
         if self.fused_kernels:
-            for module in self.modules():
-                if isinstance(module, GatedMLP):
-                    module.use_fused_kernels()
+            self.use_fused_kernels()
+
+    def use_fused_kernels(self) -> None:
+        """engine/kernels.py wherever it applies: the static decode step's attention (``fused_kernels``,
+        read by engine/graphs.py), SiLU times up, RMSNorm, residual adds inside the matrix products."""
+        self.fused_kernels = True
+        for module in self.modules():
+            if isinstance(module, GatedMLP):
+                module.use_fused_kernels()
+            elif isinstance(module, RMSNorm):
+                module.fused = True
+            elif isinstance(module, ShardedLinear):
+                module.use_fused_residual()
 
     def kv_spec(self, *, num_slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         return KVCacheSpec(num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,

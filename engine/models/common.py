@@ -43,8 +43,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.fused = False  # engine/kernels.py rms_norm (set by StageModel.optimize_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() == 2:
+            from engine.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 or x.is_cuda:
             # One fused op (on CUDA it accumulates in fp32 and rounds once: within 16-bit error of the
             # reference's two roundings, and a decode step's 2 norms per layer are 2 kernels, not 14).
@@ -133,11 +138,14 @@ class Attention(nn.Module):
         self.o_proj = ShardedLinear(q_out, cfg.hidden_size, bias=cfg.o_bias, tp=tp, reduce_results=True,
                                     reduce_key=reduce_key, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Attention of ``x`` [N, hidden], plus ``residual`` if given (added by the output projection)."""
         if meta.fused:
-            return self.o_proj(fused_decode_attention(self.qkv(x), cache=cache, layer=self.layer, meta=meta,
-                                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                                      head_dim=self.head_dim, rotary=self.rotary))
+            out = fused_decode_attention(self.qkv(x), cache=cache, layer=self.layer, meta=meta,
+                                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                         head_dim=self.head_dim, rotary=self.rotary)
+            return self.o_proj(out, residual)
         qkv = self.qkv(x).view(x.shape[0], -1, self.head_dim)  # [N, heads + 2 * kv_heads, d]
         rotated = self.num_heads + self.num_kv_heads
         qk = qkv[:, :rotated]
@@ -145,7 +153,7 @@ class Attention(nn.Module):
             qk = apply_rotary(qk, *meta.extras["rope"])
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         out = cached_attention(q, k, qkv[:, rotated:], cache=cache, layer=self.layer, meta=meta)
-        return self.o_proj(out)
+        return self.o_proj(out, residual)
 
     def load(self, reader: WeightReader, prefix: str) -> None:
         qn, kn, vn, on = (f"{prefix}.{n}" for n in self.names)
@@ -187,13 +195,14 @@ class GatedMLP(nn.Module):
     def use_fused_kernels(self) -> None:
         self.fused_act = self.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x``, plus ``residual`` if given (added by the down projection)."""
         if self.fused_act:
             from engine.kernels import silu_mul
 
-            return self.down(silu_mul(self.gate_up(x)))
+            return self.down(silu_mul(self.gate_up(x)), residual)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(self.act(gate) * up, residual)
 
     def load(self, reader: WeightReader, prefix: str) -> None:
         rows = (self.start, self.start + self.inter)

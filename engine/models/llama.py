@@ -40,8 +40,8 @@ class LlamaLayer(nn.Module):
         self.mlp = GatedMLP(cfg, tp, dtype=dtype, device=device, reduce_key=f"layers.{index}.mlp")
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache) -> torch.Tensor:
-        h = x + self.attn(self.input_norm(x), meta, cache)
-        return h + self.mlp(self.post_norm(h))
+        h = self.attn(self.input_norm(x), meta, cache, residual=x)  # x + attention
+        return self.mlp(self.post_norm(h), residual=h)  # h + mlp
 
     def load(self, reader: WeightReader) -> None:
         prefix = f"model.layers.{self.index}"

@@ -149,11 +149,7 @@ def test_fused_static_decode_equals_the_eager_step(family: str, tmp_path) -> Non
         want = stage(tokens, stage.make_meta(rows, starts, [1] * 3), plain)
         want_steps.append((list(starts), tokens, want))
         tokens, starts = want.argmax(-1), [s + 1 for s in starts]
-    stage.optimize_kernels()  # nothing on CPU...
-    stage.fused_kernels = True  # ...so switch the fused path on by hand
-    for module in stage.modules():
-        if hasattr(module, "use_fused_kernels"):
-            module.use_fused_kernels()
+    stage.use_fused_kernels()  # what optimize_kernels does on CUDA
     graphs = DecodeGraphs(stage, fused, capture=DEVICE == "cuda")
     for step_starts, step_tokens, want in want_steps:
         got = graphs.run(rows, step_starts, step_tokens)
@@ -163,3 +159,16 @@ def test_fused_static_decode_equals_the_eager_step(family: str, tmp_path) -> Non
     assert rel(fused.v[:, :spec.num_slots].cpu(), plain.v.cpu()) < 1e-5
     assert fused.k[:, spec.num_slots].abs().sum() > 0  # the padding row (3 rows -> bucket 4) wrote the spare
     assert all(g.meta.fused for g in graphs.graphs.values())
+    fused_sites = [m for m in stage.modules() if getattr(m, "fuse_residual", False)]
+    # Llama-family layers add both residuals in the products; OPT's biased projections cannot.
+    assert len(fused_sites) == (0 if family == "opt" else 2 * len(stage.layers))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 100])
+def test_rms_norm(dtype: torch.dtype, dim: int) -> None:
+    x = torch.randn(5, dim, dtype=dtype, device=DEVICE) * 4
+    w = torch.randn(dim, dtype=dtype, device=DEVICE)
+    xf = x.float()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    assert rel(kernels.rms_norm(x, w, 1e-5), want) < TOL[dtype]
