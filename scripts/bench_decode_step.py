@@ -3,7 +3,8 @@
 
 For each shape (random-init Llamas of published shapes, tests/engine/reference.py SHAPES; the weights are
 drawn on the device, nothing is written to disk) and each kernel variant (``torch``: plain PyTorch ops;
-``kernels``: engine/kernels.py; ``fused``: those and the residual adds inside the matrix products), at each batch size, with every row at ``--context`` tokens:
+``kernels``: engine/kernels.py; ``fused``: those and the residual adds inside the matrix products), at
+each batch size, with every row at ``--context`` tokens:
 
 - ``replay_ms``: back-to-back replays of the step's CUDA graph, timed with CUDA events: the GPU's time;
 - ``loop_ms``: what a serving loop does per step: ``DecodeGraphs.run`` (inputs in, outputs out), greedy
