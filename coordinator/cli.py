@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
     start.add_argument("--micro-batches", type=_positive_int, default=None,
                        help="steps in flight through the pipeline (default: one per stage)")
+    start.add_argument("--no-lookahead", action="store_true",
+                       help="send a decoding request's next step only once its previous one has returned (by "
+                            "default each is sent one step ahead: stage 0 takes its token from the step in "
+                            "flight, so the pipeline never waits for the round trip through the coordinator)")
     start.add_argument("--slots", type=_positive_int, default=None,
                        help="KV cache slots: sequences that run at once (default: as many as each stage's free "
                             "memory holds, up to --max-slots)")
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                    dtype=args.dtype, num_slots=args.slots, max_slots=args.max_slots,
                                    kv_memory_fraction=args.kv_memory_fraction, num_stages=args.stages,
                                    micro_batches=args.micro_batches, max_step_tokens=args.max_step_tokens,
+                                   lookahead=0 if args.no_lookahead else 1,
                                    max_queue=args.max_queue, max_streams_per_client=args.max_streams_per_client,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,

@@ -11,6 +11,16 @@ running requests are split into groups, each group's next step leaves as soon as
 returns, and a request is never in two steps at once (its next input is the token the previous step
 sampled). A finished or cancelled request frees its slot at once.
 
+Lookahead (``lookahead=1``): a decoding request whose step is in flight may go into the next step too,
+before that step returns, as a row "sent ahead" (SequenceStep.after_step) whose input is the token the
+step in flight will sample; stage 0 fills it in (on the device itself when it is also the last stage).
+So the pipeline never waits for a step's round trip through the coordinator: at batch 1 on one GPU the
+next step is queued while the current one computes. A request that turns out to have finished (EOS, a
+stop) wastes its row in the step sent ahead, whose token is dropped; one that would reach max_tokens is
+never sent ahead. Its slot is freed at once: the stale row writes the slot's KV cache before any later
+step of the slot's next request (stages compute steps in the order sent), at a position that request
+writes itself before it reads it.
+
 Failover: ``pause`` detaches the pipeline and puts every running request back at the head of the queue
 with the tokens it has generated; the next pipeline (``set_pipeline``) replays each as one prompt (its
 prompt plus those tokens) and it continues where it was. Sampling is a function of the request's seed
@@ -52,6 +62,18 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One request's row of a step: ``n`` new tokens from position ``start``; ``tokens`` is empty for a
+    row sent ahead, whose token is the one step ``after_step`` samples."""
+
+    req: Request
+    n: int
+    start: int
+    tokens: list[int]
+    after_step: int = 0
+
+
+@dataclass(frozen=True)
 class Load:
     running: int
     waiting: int
@@ -71,9 +93,10 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     output: list[int] = field(default_factory=list)
     slot: int = -1
-    cached: int = 0  # tokens whose k/v the slot holds (or will, once the step in flight returns)
+    cached: int = 0  # tokens whose k/v the slot holds (the steps that returned)
     cancelled: bool = False
-    in_flight: bool = False
+    finished: bool = False  # ended (its last event sent): results of steps still in flight are dropped
+    flight: list[tuple[int, int]] = field(default_factory=list)  # (step id, new tokens) in flight, oldest first
     held_error: str | None = None  # its step failed; it waits for the coordinator's verdict
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # monotonic: when it first got a slot
@@ -82,6 +105,16 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def in_flight(self) -> int:
+        """How many steps in flight hold a row of this request."""
+        return len(self.flight)
+
+    @property
+    def sent(self) -> int:
+        """Tokens the slot will hold once the steps in flight return."""
+        return self.cached + sum(n for _, n in self.flight)
 
     @property
     def todo(self) -> int:
@@ -98,10 +131,13 @@ class Request:
 
 class Scheduler:
     def __init__(self, *, eos_ids: set[int], max_queue: int = defaults.MAX_QUEUE,
-                 max_step_tokens: int = defaults.MAX_STEP_TOKENS,
+                 max_step_tokens: int = defaults.MAX_STEP_TOKENS, lookahead: int = 0,
                  on_step_error: Callable[[str], None] | None = None) -> None:
         if max_queue < 0 or max_step_tokens < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 0 and max_step_tokens={max_step_tokens} >= 1")
+        if lookahead not in (0, 1):
+            raise ValueError(f"lookahead={lookahead} must be 0 (off) or 1 (decode rows sent one step ahead)")
+        self.lookahead = lookahead
         self.eos_ids = eos_ids
         self.max_queue = max_queue
         self.max_step_tokens = max_step_tokens
@@ -157,7 +193,7 @@ class Scheduler:
                 self.unavailable_since = time.monotonic()
             replay = []
             for req in sorted(self.running, key=lambda r: r.arrival):
-                req.in_flight, req.held_error = False, None
+                req.flight, req.held_error = [], None
                 if req.cancelled:
                     self._end(req, Event([], req.detok.finish(), "cancelled"))
                     continue
@@ -230,19 +266,22 @@ class Scheduler:
                     self.cv.wait()
                 if self.stopped:
                     return
-                for req, _ in step:
-                    req.in_flight = True
+                step_id = next(self.step_ids)
+                for row in step:
+                    row.req.flight.append((step_id, row.n))
                 self.steps_in_flight += 1
                 submit_fn, epoch, generation = self.submit_fn, self.epoch, self.generation
-            self._send(step, submit_fn, epoch, generation)
+            self._send(step, step_id, submit_fn, epoch, generation)
 
-    def _next_step(self) -> list[tuple[Request, int]] | None:
-        """The next step to send as (request, new tokens) rows, or None. Called with the lock held.
+    def _next_step(self) -> list[Row] | None:
+        """The next step to send, as rows, or None. Called with the lock held.
 
         A group holds about 1/micro_batches of the running requests, so the groups stay balanced; its
-        decode rows come first, then prompt chunks within what is left of the token budget.
+        decode rows come first, then rows sent ahead, then prompt chunks within what is left of the token
+        budget. With lookahead, up to twice as many steps are in flight.
         """
-        if self.submit_fn is None or self.holding or self.steps_in_flight >= self.micro_batches:
+        limit = self.micro_batches * (1 + self.lookahead)
+        if self.submit_fn is None or self.holding or self.steps_in_flight >= limit:
             return None
         for req in [r for r in self.running if r.cancelled and not r.in_flight]:
             self._finish(req, "cancelled")
@@ -255,36 +294,48 @@ class Scheduler:
                 log("request admitted", request_id=req.request_id, prompt_tokens=len(req.prompt),
                     queued_s=round(req.admitted_at - req.arrival, 4))
         idle = [r for r in self.running if not r.in_flight and r.held_error is None]
-        if not idle:
+        ahead = sorted((r for r in self.running if self._can_send_ahead(r)), key=lambda r: r.flight[-1][0])
+        if not idle and not ahead:
             return None
         group = -(-len(self.running) // self.micro_batches)  # ceil
         budget = self.max_step_tokens
         rows = []
         for req in idle:
             if len(rows) < group and budget > 0 and req.todo == 1:
-                rows.append((req, 1))
+                rows.append(Row(req, 1, req.cached, req.next_tokens(1)))
+                budget -= 1
+        for req in ahead:
+            if len(rows) < group and budget > 0:
+                rows.append(Row(req, 1, req.sent, [], after_step=req.flight[-1][0]))
                 budget -= 1
         for req in idle:
             todo = req.todo
             if len(rows) < group and budget > 0 and todo > 1:
-                rows.append((req, min(todo, budget)))
-                budget -= rows[-1][1]
-        return rows
+                n = min(todo, budget)
+                rows.append(Row(req, n, req.cached, req.next_tokens(n)))
+                budget -= n
+        return rows or None
 
-    def _send(self, step: list[tuple[Request, int]], submit_fn, epoch: int, generation: int) -> None:  # noqa: ANN001
-        msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=next(self.step_ids))
+    def _can_send_ahead(self, req: Request) -> bool:
+        """A decoding request with one step in flight that will sample its next input, and whose next
+        token will not be its last by length: it may go into the next step already."""
+        return (self.lookahead > 0 and req.in_flight == 1 and req.held_error is None and not req.cancelled
+                and len(req.prompt) + len(req.output) == req.sent and len(req.output) + 1 < req.params.max_tokens)
+
+    def _send(self, step: list[Row], step_id: int, submit_fn, epoch: int, generation: int) -> None:  # noqa: ANN001
+        msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=step_id)
         try:  # nothing may end this thread: a step that cannot be built or sent fails like any other
-            for req, n in step:
-                msg.sequences.add(request_id=req.request_id, slot=req.slot, start=req.cached,
-                                  token_ids=req.next_tokens(n), sampling=sampling_to_proto(req.params),
-                                  seed=req.seed)
+            for row in step:
+                req = row.req
+                msg.sequences.add(request_id=req.request_id, slot=req.slot, start=row.start, token_ids=row.tokens,
+                                  sampling=sampling_to_proto(req.params), seed=req.seed, after_step=row.after_step)
             future = submit_fn(msg)
         except Exception as e:  # noqa: BLE001 - reported like a failed step
             future = Future()
             future.set_exception(e)
         future.add_done_callback(lambda f: self._on_result(step, msg.step_id, generation, f))
 
-    def _on_result(self, step: list[tuple[Request, int]], step_id: int, generation: int, future: Future) -> None:
+    def _on_result(self, step: list[Row], step_id: int, generation: int, future: Future) -> None:
         try:
             result = future.result()
             error = result.error or None
@@ -294,26 +345,31 @@ class Scheduler:
             if generation != self.generation:  # a step of a pipeline that is gone: replayed elsewhere
                 return
             self.steps_in_flight -= 1
-            for req, _ in step:
-                req.in_flight = False
+            for row in step:  # steps return in the order sent: this is each row's oldest step in flight
+                if row.req.flight and row.req.flight[0][0] == step_id:
+                    row.req.flight.pop(0)
+            live = [row for row in step if not row.req.finished]
             if error is not None:
                 log(f"step {step_id} failed: {error}")
                 if self.on_step_error is None:
-                    for req, _ in step:
-                        self._end(req, Event([], "", "error", error=f"the pipeline failed: {error}"))
-                        self._release(req)
+                    for row in live:
+                        self._end(row.req, Event([], "", "error", error=f"the pipeline failed: {error}"))
+                        self._release(row.req)
                 else:  # hold everything until the coordinator knows whether a node is gone
-                    for req, _ in step:
-                        req.held_error = error
+                    for row in live:
+                        row.req.held_error = error
                     if not self.holding:
                         self.holding = True
                         threading.Thread(target=self.on_step_error, args=(error,), daemon=True).start()
             else:
-                for (req, n), tok in zip(step, result.tokens, strict=True):
-                    req.cached += n
+                for row, tok in zip(step, result.tokens, strict=True):
+                    req = row.req
+                    if req.finished:  # ended while this step was in flight (a row sent ahead): dropped
+                        continue
+                    req.cached += row.n
                     if req.todo == 0:  # else a prompt chunk: its sampled token is not used
                         self._accept(req, tok.token_id)
-                    elif req.cancelled:
+                    elif req.cancelled and not req.in_flight:
                         self._finish(req, "cancelled")
             self.cv.notify_all()
 
@@ -340,6 +396,7 @@ class Scheduler:
     def _end(self, req: Request, last: Event) -> None:
         """Every request ends here (its slot, if any, is the caller's to free): the last event, and one
         log line that sums it up (written first: whoever reads the event may look for the line)."""
+        req.finished = True
         ttft = None if req.first_token_at is None else round(req.first_token_at - req.arrival, 4)
         extra = {} if last.error is None else {"error": last.error}
         log("request finished", request_id=req.request_id, finish_reason=last.finish_reason,

@@ -60,6 +60,7 @@ class CoordinatorConfig:
     kv_memory_fraction: float = defaults.KV_MEMORY_FRACTION  # of the free memory beside the weights
     num_stages: int | None = None  # None: the planner's choice
     micro_batches: int | None = None  # steps in flight; None: one per stage
+    lookahead: int = 1  # decode rows sent one step ahead (coordinator/scheduler.py); 0: off
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
     max_streams_per_client: int = defaults.MAX_STREAMS_PER_CLIENT
@@ -129,7 +130,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.metrics.registry.register(ClusterCollector(self))
         self.streams = StreamLimiter(config.max_streams_per_client)
         self.scheduler = Scheduler(eos_ids=self.eos_ids, max_queue=config.max_queue,
-                                   max_step_tokens=config.max_step_tokens,
+                                   max_step_tokens=config.max_step_tokens, lookahead=config.lookahead,
                                    on_step_error=lambda error: self.placer.on_step_error(error))
         self.placer = Placer(config=config, hf_config=self.hf_config, model_name=self.model_name,
                              scheduler=self.scheduler, set_serving=self._set_serving,

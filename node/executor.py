@@ -16,6 +16,8 @@ import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,6 +51,9 @@ MAX_OLD_KEYS = 8
 GROUP_FORM_TIMEOUT_S = 300.0
 MAX_GROUP = 64  # the most ranks of one tensor-parallel group
 KIND_IDS, KIND_HIDDEN = 1, 2
+# Stage 0 remembers what this many recent steps sampled, for the rows sent ahead of them (after_step).
+RECENT_STEPS = 64
+AHEAD_WAIT_S = 600.0  # how long a row sent ahead waits for the step it follows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +177,13 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.downstream = None
         self.route_lock = threading.Lock()  # epoch, next_address, downstream
         self.work: queue.Queue = queue.Queue()  # (step, future of its result), computed in order
+        # Rows sent ahead (SequenceStep.after_step) take the token an earlier step sampled for their slot:
+        # on stage 0, each recent step's {slot: token} once known and, where stage 0 is also the last
+        # stage, its tokens still on the device (so the next step starts without waiting for the host).
+        self.recent: OrderedDict[int, futures.Future] = OrderedDict()
+        self.recent_device: OrderedDict[int, tuple[dict[int, int], torch.Tensor]] = OrderedDict()
+        # The last stage hands each step's tokens to the host here, in order, while the next step computes.
+        self.finisher = futures.ThreadPoolExecutor(1, thread_name_prefix="step-finisher")
 
     def configure(self, epoch: int, next_address: str, data_key: str) -> None:
         """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused,
@@ -185,6 +197,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 self.policy.forget_link()
             self.epoch, self.next_address = epoch, next_address
             self.history.clear()
+            self.recent.clear()
+            self.recent_device.clear()
         if old is not None:
             old.close()  # its steps in flight fail; their epoch is gone anyway
 
@@ -248,9 +262,12 @@ class StageServicer(node_pb2_grpc.StageServicer):
             raise ValueError("a step without sequences")
         slots = [s.slot for s in seqs]
         starts = [s.start for s in seqs]
-        lengths = [len(s.token_ids) for s in seqs]
+        lengths = [1 if s.after_step else len(s.token_ids) for s in seqs]
         if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
             raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
+        ahead = any(s.after_step for s in seqs)
+        if ahead and (not self.runner.stage.is_first or any(s.after_step and s.token_ids for s in seqs)):
+            raise ValueError("a row sent ahead (after_step) must reach stage 0 without token ids")
         # Checked here, not left to torch: an id outside the vocabulary failed the embedding with an
         # IndexError, and a prefill past the KV cache's length a RuntimeError (both escaped as UNKNOWN and
         # ended the stream), while a decode past it went through unchecked.
@@ -260,7 +277,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if max(s.start + n for s, n in zip(seqs, lengths, strict=True)) > capacity:
             raise ValueError(f"a sequence goes past the KV cache's {capacity} positions: starts {starts}, "
                              f"lengths {lengths}")
-        if self.runner.stage.is_first:
+        if ahead:
+            x = self._ahead_tokens(seqs)
+        elif self.runner.stage.is_first:
             x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:
             x = self._hidden(msg, sum(lengths))
@@ -273,11 +292,80 @@ class StageServicer(node_pb2_grpc.StageServicer):
             stream = self._downstream()
             # The stream's own address: a re-placement between here and there changes next_address.
             self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
-            return stream.submit(down)
-        tokens = self._sample(seqs, out)
-        result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
-                             for s, t in zip(seqs, tokens, strict=True))
-        return result
+            sent = stream.submit(down)
+            if self.runner.stage.is_first:  # rows sent ahead of this step wait for its tokens
+                sampled = self._remember(msg.step_id)
+                sent.add_done_callback(lambda f: _pass_tokens(f, sampled))
+            return sent
+        tokens = self._sample(seqs, lengths, out)  # on the stage's device
+        sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
+        if sampled is not None and tokens.device.type == "cuda":
+            self.recent_device[msg.step_id] = ({s: i for i, s in enumerate(slots)}, tokens)
+            while len(self.recent_device) > RECENT_STEPS:
+                self.recent_device.popitem(last=False)
+        fetch = _start_host_copy(tokens)
+
+        def finish() -> node_pb2.StepResult:
+            ids = fetch()
+            if sampled is not None:
+                sampled.set_result(dict(zip(slots, ids, strict=True)))
+            result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
+                                 for s, t in zip(seqs, ids, strict=True))
+            return result
+
+        if tokens.device.type != "cuda":
+            return finish()
+        return self.finisher.submit(finish)  # the next step starts meanwhile
+
+    def _remember(self, step_id: int) -> futures.Future:
+        """The future of step ``step_id``'s {slot: token}, for rows sent ahead of it."""
+        sampled: futures.Future = futures.Future()
+        self.recent[step_id] = sampled
+        while len(self.recent) > RECENT_STEPS:
+            self.recent.popitem(last=False)
+        return sampled
+
+    def _ahead_tokens(self, seqs) -> torch.Tensor:  # noqa: ANN001 - repeated SequenceStep
+        """The packed token ids [N] of a step with rows sent ahead. Where this stage sampled the steps they
+        follow and no row needs its history on the host, the tokens never leave the device; otherwise
+        each row waits for its step's tokens (on stage 0 before the last: that step's result passing back)
+        and gets them written into its token_ids, for the stages after this one."""
+        device = self.runner.stage.device
+        params_need_history = any(sampling_from_proto(s.sampling).repetition_penalty != 1.0 for s in seqs)
+        on_device = (self.is_last and not params_need_history
+                     and all(s.after_step in self.recent_device for s in seqs if s.after_step))
+        if on_device:
+            known = [0 if s.after_step else t for s in seqs for t in (s.token_ids or [0])]
+            x = torch.tensor(known, dtype=torch.long).to(device, non_blocking=True)
+            offset, groups = 0, {}  # followed step -> (packed positions, rows of that step)
+            for s in seqs:
+                if s.after_step:
+                    index, _ = self.recent_device[s.after_step]
+                    if s.slot not in index:
+                        raise ValueError(f"slot {s.slot} was not in step {s.after_step}, which it follows")
+                    pos, rows = groups.setdefault(s.after_step, ([], []))
+                    pos.append(offset)
+                    rows.append(index[s.slot])
+                offset += max(1, len(s.token_ids))
+            for step_id, (pos, rows) in groups.items():
+                tokens = self.recent_device[step_id][1]
+                x[torch.tensor(pos).to(device)] = tokens[torch.tensor(rows).to(device)]
+            return x
+        for s in seqs:
+            if not s.after_step:
+                continue
+            sampled = self.recent.get(s.after_step)
+            if sampled is None:
+                raise ValueError(f"a row follows step {s.after_step}, which this stage has not seen (recently)")
+            try:
+                tokens = sampled.result(timeout=AHEAD_WAIT_S)
+            except Exception as e:  # noqa: BLE001 - this step fails with the reason
+                raise ValueError(f"the step this one follows ({s.after_step}) failed: {e}") from e
+            if s.slot not in tokens:
+                raise ValueError(f"slot {s.slot} was not in step {s.after_step}, which it follows")
+            s.token_ids.append(tokens[s.slot])
+            s.after_step = 0
+        return torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
 
     def _hidden(self, msg: node_pb2.StepMessage, num_tokens: int) -> torch.Tensor:
         """The step's incoming hidden states [num_tokens, hidden], plain or compressed, validated."""
@@ -293,7 +381,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
                              f"{num_tokens} tokens")
         return x.to(self.runner.stage.dtype)
 
-    def _sample(self, seqs, logits: torch.Tensor) -> list[int]:  # noqa: ANN001
+    def _sample(self, seqs, lengths: list[int], logits: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         params = [sampling_from_proto(s.sampling) for s in seqs]
         for s in seqs:
             hist = self.history.setdefault(s.slot, [])
@@ -301,8 +389,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 hist.clear()
             hist.extend(s.token_ids)
         need_history = any(p.repetition_penalty != 1.0 for p in params)
-        return sample(logits, params, [s.seed for s in seqs], [s.start + len(s.token_ids) for s in seqs],
-                      [self.history[s.slot] for s in seqs] if need_history else None).tolist()
+        return sample(logits, params, [s.seed for s in seqs], [s.start + n for s, n in zip(seqs, lengths, strict=True)],
+                      [self.history[s.slot] for s in seqs] if need_history else None)
 
     def Probe(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC API
         return node_pb2.ProbeResponse(received_bytes=len(request.payload))
@@ -335,6 +423,36 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 return  # re-placed meanwhile; the new route measures its own link
             self.policy.measured(link, self._cost)
         log_line("executor", f"{name} -> {address}: {self.policy.describe()}")
+
+
+def _start_host_copy(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``tokens`` to the host; the returned call waits for them (only for them: a plain
+    .tolist() on another thread would also wait for every step queued on the GPU since)."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
+
+
+def _pass_tokens(downstream: futures.Future, sampled: futures.Future) -> None:
+    """A relayed step's result, as {slot: token} for the rows sent ahead of it (or its failure)."""
+    try:
+        result = downstream.result()
+    except Exception as e:  # noqa: BLE001 - the rows that follow fail with it
+        sampled.set_exception(e)
+        return
+    if result.error:
+        sampled.set_exception(RuntimeError(result.error))
+    else:
+        sampled.set_result({t.slot: t.token_id for t in result.tokens})
 
 
 def pack_hidden(down: node_pb2.StepMessage, out: torch.Tensor, codec: Codec | None, *, key: object

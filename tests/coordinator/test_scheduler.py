@@ -472,3 +472,97 @@ def test_a_step_that_cannot_be_built_fails_its_requests_and_the_scheduler_goes_o
     assert last.finish_reason == "error" and "out of range" in last.error
     scheduler.submit(good)
     assert collect(good)[-1].finish_reason == "length"
+
+
+class OrderedPipeline:
+    """Steps computed in order on a thread, ``delay_s`` each, like a real stage: a row sent ahead takes the
+    token its followed step sampled for its slot (token = 10 + position, EOS at ``eos_at``)."""
+
+    def __init__(self, delay_s: float = 0.003, eos_at: int | None = None) -> None:
+        import queue
+
+        self.delay_s, self.eos_at = delay_s, eos_at
+        self.work: queue.Queue = queue.Queue()
+        self.sampled: dict[int, dict[int, int]] = {}
+        self.steps: list[list[tuple[int, int, list[int], int]]] = []
+        self.most_in_flight = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def __call__(self, msg: node_pb2.StepMessage) -> Future:
+        done: Future = Future()
+        self.work.put((msg, done))
+        self.most_in_flight = max(self.most_in_flight, self.work.qsize())
+        return done
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            msg, done = self.work.get()
+            time.sleep(self.delay_s)
+            result = node_pb2.StepResult(step_id=msg.step_id)
+            row_log, sampled = [], {}
+            for s in msg.sequences:
+                ids = list(s.token_ids)
+                if s.after_step:
+                    assert not ids, "a row sent ahead carries no token"
+                    ids = [self.sampled[s.after_step][s.slot]]  # KeyError: it followed a step it was not in
+                row_log.append((s.slot, s.start, ids, s.after_step))
+                pos = s.start + len(ids)
+                tok = EOS if pos == self.eos_at else 10 + pos
+                sampled[s.slot] = tok
+                result.tokens.add(request_id=s.request_id, slot=s.slot, token_id=tok)
+            self.sampled[msg.step_id] = sampled
+            self.steps.append(row_log)
+            done.set_result(result)
+
+
+def run_all(s: Scheduler, reqs: list[Request]) -> dict[str, list[int]]:
+    for r in reqs:
+        s.submit(r)
+    out = {}
+    for r in reqs:
+        events = collect(r)
+        assert events[-1].error is None, events[-1].error
+        out[r.request_id] = [t for e in events for t in e.token_ids]
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_lookahead_gives_the_same_tokens_with_rows_sent_ahead(batch: int) -> None:
+    outputs = {}
+    for lookahead in (0, 1):
+        s = Scheduler(eos_ids={EOS}, lookahead=lookahead)
+        pipe = OrderedPipeline()
+        s.set_pipeline(pipe, epoch=1, num_slots=8)
+        outputs[lookahead] = run_all(s, [request(f"r{i}", prompt_len=3 + i, max_tokens=12) for i in range(batch)])
+        ahead_rows = [row for step in pipe.steps for row in step if row[3]]
+        s.stop()
+        if lookahead:
+            assert len(ahead_rows) >= batch * 8  # most decode rows went ahead of their previous step
+            assert pipe.most_in_flight >= 2
+        else:
+            assert not ahead_rows
+        rows_per_slot = {}
+        for step in pipe.steps:
+            for slot, *_ in step:
+                rows_per_slot[slot] = rows_per_slot.get(slot, 0) + 1
+        # one prefill row and 11 decode rows each: nothing is sent ahead past max_tokens
+        assert sorted(rows_per_slot.values()) == [12] * batch
+    assert outputs[0] == outputs[1]
+    assert outputs[1]["r0"] == [10 + p for p in range(3, 15)]
+
+
+def test_lookahead_drops_the_row_after_an_eos_and_reuses_the_slot() -> None:
+    s = Scheduler(eos_ids={EOS}, lookahead=1)
+    pipe = OrderedPipeline(eos_at=6)  # the token at position 6 is EOS: a prompt of 4 ends after 3 tokens
+    s.set_pipeline(pipe, epoch=1, num_slots=1)  # one slot: the second request waits for it
+    out = run_all(s, [request("a", prompt_len=4, max_tokens=10), request("b", prompt_len=2, max_tokens=3)])
+    s.stop()
+    assert out["a"] == [14, 15, EOS]
+    assert out["b"] == [12, 13, 14]
+    # a's row sent ahead of the step that sampled its EOS (the row at position 6) ran and was dropped;
+    # then b prefilled the slot from position 0
+    starts = [(start, ahead) for step in pipe.steps for _, start, _, ahead in step]
+    stale = next(i for i, (start, ahead) in enumerate(starts) if start == 6 and ahead)
+    assert (0, 0) in starts[stale + 1:]

@@ -94,20 +94,22 @@ class LoadStageResponse(_message.Message):
     def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., stage_address: _Optional[str] = ..., fetched_bytes: _Optional[int] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("request_id", "slot", "start", "token_ids", "sampling", "seed")
+    __slots__ = ("request_id", "slot", "start", "token_ids", "sampling", "seed", "after_step")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     slot: int
     start: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    after_step: int
+    def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., after_step: _Optional[int] = ...) -> None: ...
 
 class StepMessage(_message.Message):
     __slots__ = ("epoch", "step_id", "sequences", "hidden", "encoded_hidden")
