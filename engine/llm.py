@@ -41,6 +41,10 @@ class EngineConfig:
     cache_dir: str | None = None
     optimize_kernels: bool = True  # e.g. oneDNN weights on CPU fp32; False keeps plain torch.nn.functional
     cuda_graphs: bool = True  # decode steps as CUDA graphs where they pay (engine/graphs.py)
+    fused_kernels: bool = True  # engine/kernels.py on CUDA (with Triton)
+    # Launch each decode step before the previous one's tokens reach the host (its input is that step's
+    # output on the device), so the GPU never waits for the host's per-token work; None: on CUDA.
+    pipelined_decode: bool | None = None
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -119,7 +123,9 @@ class LLM:
         self.num_slots = self.config.num_slots or self._slots_from_memory(device)
         if self.config.optimize_kernels:
             for stage in self.stages:
-                stage.optimize_kernels()
+                stage.optimize_kernels(fused=self.config.fused_kernels)
+        self.pipelined = (self.config.pipelined_decode if self.config.pipelined_decode is not None
+                          else device.type == "cuda")
         use_graphs = self.config.cuda_graphs and all(graphs_pay(s) for s in self.stages)
         self.caches: list[KVCache] = [s.new_cache(num_slots=self.num_slots, max_seq_len=self.config.max_seq_len,
                                                   spare_slots=1 if use_graphs else 0) for s in self.stages]
@@ -198,7 +204,10 @@ class LLM:
                 seq.slot = free.pop()
                 admitted.append(seq)
             batch = admitted or running  # prefill newcomers first; decode otherwise
-            self._step(batch, on_token, start_time, boundary)
+            if not admitted and self.pipelined and not any(r.params.repetition_penalty != 1.0 for r in batch):
+                self._decode_pipelined(batch, on_token, start_time, boundary)
+            else:
+                self._step(batch, on_token, start_time, boundary)
             running = [s for s in running + admitted if s.finish_reason is None]
             free.extend(s.slot for s in batch if s.finish_reason is not None)
         return [self._completion(s, start_time) for s in seqs]
@@ -216,20 +225,52 @@ class LLM:
               boundary: Boundary | None = None) -> None:
         tick = time.perf_counter()
         new = [s.tokens[s.cached:] for s in batch]
-        logits = self.forward([s.slot for s in batch], [s.cached for s in batch], new, boundary=boundary)
-        tokens = sample(logits, [s.params for s in batch], [s.seed for s in batch],
-                        [len(s.tokens) for s in batch],
-                        [s.tokens for s in batch] if any(s.params.repetition_penalty != 1.0 for s in batch) else None)
+        tokens = self._launch(batch, new, [s.cached for s in batch], boundary)
+        self._complete(batch, tokens.tolist(), tick, on_token, t0, decode=all(len(x) == 1 for x in new))
+
+    def _decode_pipelined(self, batch: list[SeqState], on_token: Callable[[int, int], None] | None, t0: float,
+                          boundary: Boundary | None) -> None:
+        """Decode ``batch`` until one of its sequences finishes, each step launched before the previous
+        one's tokens are read (its input: those tokens, still on the device). A step is launched ahead
+        only while no sequence can reach max_tokens in the step before it; a sequence that ends otherwise
+        (EOS, a stop) drops the one token computed ahead for it."""
+        tick = time.perf_counter()
+        current = self._launch(batch, [s.tokens[-1:] for s in batch], [s.cached for s in batch], boundary)
+        while True:
+            ahead = None
+            if all(len(s.output) + 2 <= s.params.max_tokens for s in batch):
+                ahead = self._launch(batch, current, [len(s.tokens) for s in batch], boundary, position_offset=1)
+            self._complete(batch, current.tolist(), tick, on_token, t0, decode=True)
+            tick = time.perf_counter()
+            if ahead is None:
+                return
+            if any(s.finish_reason is not None for s in batch):
+                self._complete(batch, ahead.tolist(), tick, on_token, t0, decode=True)  # the others' tokens
+                return
+            current = ahead
+
+    def _launch(self, batch: list[SeqState], new: list[list[int]] | torch.Tensor, starts: list[int],
+                boundary: Boundary | None, *, position_offset: int = 0) -> torch.Tensor:
+        """One step's sampled tokens [B], left on the device. ``new``: each row's new tokens, or one token
+        per row as a device tensor; ``position_offset`` 1 when the last token is not in ``tokens`` yet."""
+        logits = self.forward([s.slot for s in batch], starts, new, boundary=boundary)
+        return sample(logits, [s.params for s in batch], [s.seed for s in batch],
+                      [len(s.tokens) + position_offset for s in batch],
+                      [s.tokens for s in batch] if any(s.params.repetition_penalty != 1.0 for s in batch) else None)
+
+    def _complete(self, batch: list[SeqState], tokens: list[int], tick: float,
+                  on_token: Callable[[int, int], None] | None, t0: float, *, decode: bool) -> None:
+        """Append each running row's token (rows that already finished drop theirs) and decide who ends."""
         now = time.perf_counter()
-        n_new = sum(len(x) for x in new)
-        if all(len(x) == 1 for x in new):
-            self.stats.decode_tokens += len(batch)
+        live = [(seq, token) for seq, token in zip(batch, tokens, strict=True) if seq.finish_reason is None]
+        if decode:
+            self.stats.decode_tokens += len(live)
             self.stats.decode_seconds += now - tick
             self.stats.decode_steps += 1
         else:
-            self.stats.prefill_tokens += n_new
+            self.stats.prefill_tokens += sum(len(s.tokens) - s.cached for s in batch)
             self.stats.prefill_seconds += now - tick
-        for seq, token in zip(batch, tokens.tolist(), strict=True):
+        for seq, token in live:
             seq.cached = len(seq.tokens)
             seq.tokens.append(token)
             if seq.first_token_time is None:
@@ -246,15 +287,18 @@ class LLM:
                           token_ids=seq.output, text=text, finish_reason=seq.finish_reason or "length",
                           time_to_first_token=seq.first_token_time or 0.0)
 
-    def forward(self, slots: list[int], starts: list[int], new_tokens: list[list[int]], *,
+    def forward(self, slots: list[int], starts: list[int], new_tokens: list[list[int]] | torch.Tensor, *,
                 all_logits: bool = False, boundary: Boundary | None = None) -> torch.Tensor:
         """One batch step through every stage: logits [B, vocab], or with ``all_logits`` [B, T, vocab]
         for every new token (rows shorter than T = the longest row are zero-padded).
 
         ``boundary(i, h)``, if given, replaces the hidden states ``h`` [N, hidden] leaving stage i before
         they enter stage i+1 (every stage but the last), e.g. to model a lossy wire codec between stages."""
-        lengths = [len(t) for t in new_tokens]
-        h = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long, device=self.stages[0].device)
+        if isinstance(new_tokens, torch.Tensor):  # one token per row, already on the device
+            lengths, h = [1] * len(slots), new_tokens
+        else:
+            lengths = [len(t) for t in new_tokens]
+            h = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long, device=self.stages[0].device)
         last = len(self.stages) - 1
         if self.graphs is not None and not all_logits and self.graphs[0].handles(lengths):
             for i, graphs in enumerate(self.graphs):
