@@ -15,6 +15,8 @@ SHAPES, in ``--dtype``), each system of ``--systems`` is loaded, measured at eac
 - ``engine``: engine/llm.py ``LLM.generate`` in this process;
 - ``cluster1``: coordinator/local_cluster.py, one node on the device; ``cluster2``: two nodes both on
   the same device, two pipeline stages. B concurrent streaming clients (threads), one prompt each.
+- baselines, only when named in ``--systems``: ``engine_plain`` (no fused kernels, no pipelined decode),
+  ``cluster1_nolookahead`` and ``cluster2_nolookahead`` (``coordinator start --no-lookahead``).
 
 Every system gets the same prompts (seeded random token ids, ``--prompt-tokens`` long) and is timed the
 same way: t_N, a generation of N = ``--tokens`` new tokens, and t_1, of one new token (prefill), best of
@@ -51,7 +53,9 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "proto"))
 
 SYSTEMS = ("copy", "hf", "engine", "cluster1", "cluster2")
-MODEL_SYSTEMS = SYSTEMS[1:]
+# Not run by default: the same systems without this version's speed-ups, for side-by-side ratios.
+BASELINES = ("engine_plain", "cluster1_nolookahead", "cluster2_nolookahead")
+MODEL_SYSTEMS = (*SYSTEMS[1:], *BASELINES)
 COPY_REPEATS = 10
 PROMPT_SEED = 1234
 CLUSTER_START_S = 300.0
@@ -93,9 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_sizes = sorted({int(b) for b in _csv(args.batch_sizes)})
     except ValueError:
         p.error(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers")
-    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.systems if s not in SYSTEMS]
+    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.systems if s not in (*SYSTEMS, *BASELINES)]
     if bad:
-        p.error(f"unknown {', '.join(bad)}; shapes: {', '.join(SHAPES)}; systems: {', '.join(SYSTEMS)}")
+        p.error(f"unknown {', '.join(bad)}; shapes: {', '.join(SHAPES)}; systems: {', '.join(SYSTEMS + BASELINES)}")
     if min(args.batch_sizes, default=0) < 1 or args.tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
         p.error("need batch sizes >= 1, --tokens >= 2, --prompt-tokens >= 1 and --repeats >= 1")
     if args.prompt_tokens + args.tokens > args.max_seq_len:
@@ -227,12 +231,13 @@ class HFSystem:
 class EngineSystem:
     """engine/llm.py in this process: one stage, a slot per sequence of the largest batch."""
 
-    def __init__(self, model_dir: Path, args: argparse.Namespace, work: Path) -> None:
+    def __init__(self, model_dir: Path, args: argparse.Namespace, work: Path, *, plain: bool = False) -> None:
         from engine.llm import LLM, EngineConfig
 
         self.device = args.device
+        fast = {} if not plain else {"fused_kernels": False, "pipelined_decode": False}
         self.llm = LLM(EngineConfig(model=str(model_dir), dtype=args.dtype, device=args.device,
-                                    num_slots=max(args.batch_sizes), max_seq_len=args.max_seq_len),
+                                    num_slots=max(args.batch_sizes), max_seq_len=args.max_seq_len, **fast),
                        load_tokenizer=False)
 
     def generate(self, prompts: list[list[int]], n: int) -> tuple[float, list[float]]:
@@ -328,9 +333,11 @@ def check_lengths(name: str, lengths: list[int], batch: int, n: int) -> None:
 def open_system(name: str, model_dir: Path, args: argparse.Namespace, work: Path) -> Any:
     if name == "hf":
         return HFSystem(model_dir, args, work)
-    if name == "engine":
-        return EngineSystem(model_dir, args, work)
-    return ClusterSystem(model_dir, args, work, nodes=int(name.removeprefix("cluster")))
+    if name in ("engine", "engine_plain"):
+        return EngineSystem(model_dir, args, work, plain=name == "engine_plain")
+    nodes, _, variant = name.removeprefix("cluster").partition("_")
+    return ClusterSystem(model_dir, args, work, nodes=int(nodes),
+                         extra_args=["--no-lookahead"] if variant == "nolookahead" else ())
 
 
 # ------------------------------------------------------------------------------------------- measure
@@ -396,7 +403,10 @@ def run_system(name: str, model_dir: Path, prompts: list[list[int]], entry: dict
 def ratios(entry: dict[str, Any], batches: list[int]) -> dict[str, dict[str, float]]:
     """Per batch size, ms/step of one system over another (below 1: the first is faster)."""
     pairs = {"engine_over_hf": ("engine", "hf"), "cluster2_over_cluster1": ("cluster2", "cluster1"),
-             "cluster1_over_engine": ("cluster1", "engine")}
+             "cluster1_over_engine": ("cluster1", "engine"), "cluster1_over_hf": ("cluster1", "hf"),
+             "engine_over_engine_plain": ("engine", "engine_plain"),
+             "cluster1_over_cluster1_nolookahead": ("cluster1", "cluster1_nolookahead"),
+             "cluster2_over_cluster2_nolookahead": ("cluster2", "cluster2_nolookahead")}
     out: dict[str, dict[str, float]] = {}
     for batch in map(str, batches):
         ms = {name: s["batches"][batch]["ms_per_step"] for name, s in entry["systems"].items() if batch in s["batches"]}
@@ -456,12 +466,13 @@ def table(data: dict[str, Any]) -> str:
                 cells = [_fmt(entry.get("roofline_ms")), _fmt(r["ms_per_step"]), _fmt(r["tokens_per_s"], 0),
                          _fmt(r.get("pct_of_roofline"), 1), _fmt(r["t1_ms"], 1), _fmt(r.get("ttft_ms"), 1)]
                 lines.append(f"| {shape} | {batch} | {name} | " + " | ".join(cells) + " |")
+    keys = sorted({k for entry in data["shapes"].values() for r in entry.get("ratios", {}).values() for k in r})
     lines += ["", "ms/step ratios (below 1: the first is faster)", "",
-              "| shape | batch | engine/hf | cluster2/cluster1 | cluster1/engine |", "| --- | --- | --- | --- | --- |"]
+              "| shape | batch | " + " | ".join(k.replace("_over_", "/") for k in keys) + " |",
+              "| --- | --- |" + " --- |" * len(keys)]
     for shape, entry in data["shapes"].items():
         for batch, r in entry.get("ratios", {}).items():
-            lines.append(f"| {shape} | {batch} | {_fmt(r.get('engine_over_hf'))} | "
-                         f"{_fmt(r.get('cluster2_over_cluster1'))} | {_fmt(r.get('cluster1_over_engine'))} |")
+            lines.append(f"| {shape} | {batch} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     for e in data["errors"]:
         lines.append(f"FAILED {e['shape']} {e['system']}: {e['error'][:300]}")
     return "\n".join(lines)
