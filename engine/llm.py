@@ -23,7 +23,7 @@ from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache, KVCacheSpec, available_memory, slots_for_memory
 from engine.model_source import load_hf_config, resolve_model
 from engine.parallel import TPGroup
-from engine.sampling import SamplingParams, finish_reason, resolve_seed, sample
+from engine.sampling import SamplingParams, finish_reason, resolve_seed, sample, tokens_to_host
 from engine.stage import StageModel, parse_dtype
 from engine.weights import WeightReader
 
@@ -237,10 +237,11 @@ class LLM:
         tick = time.perf_counter()
         current = self._launch(batch, [s.tokens[-1:] for s in batch], [s.cached for s in batch], boundary)
         while True:
+            fetch = tokens_to_host(current)  # before the next launch, so that it waits for this step only
             ahead = None
             if all(len(s.output) + 2 <= s.params.max_tokens for s in batch):
                 ahead = self._launch(batch, current, [len(s.tokens) for s in batch], boundary, position_offset=1)
-            self._complete(batch, current.tolist(), tick, on_token, t0, decode=True)
+            self._complete(batch, fetch(), tick, on_token, t0, decode=True)
             tick = time.perf_counter()
             if ahead is None:
                 return

@@ -17,7 +17,6 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,7 +30,7 @@ from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache
 from engine.logs import dump_stacks_on_signal, log_line
 from engine.parallel import TPGroup
-from engine.sampling import sample
+from engine.sampling import sample, tokens_to_host
 from engine.stage import StageModel, parse_dtype
 from node.link import CodecCost, LinkPolicy, TrafficCounters, measure_cost, measure_link, parse_link_codec
 from node.wire import (
@@ -303,7 +302,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
             self.recent_device[msg.step_id] = ({s: i for i, s in enumerate(slots)}, tokens)
             while len(self.recent_device) > RECENT_STEPS:
                 self.recent_device.popitem(last=False)
-        fetch = _start_host_copy(tokens)
+        fetch = tokens_to_host(tokens)
 
         def finish() -> node_pb2.StepResult:
             ids = fetch()
@@ -423,23 +422,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 return  # re-placed meanwhile; the new route measures its own link
             self.policy.measured(link, self._cost)
         log_line("executor", f"{name} -> {address}: {self.policy.describe()}")
-
-
-def _start_host_copy(tokens: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying ``tokens`` to the host; the returned call waits for them (only for them: a plain
-    .tolist() on another thread would also wait for every step queued on the GPU since)."""
-    if tokens.device.type != "cuda":
-        return tokens.tolist
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return wait
 
 
 def _pass_tokens(downstream: futures.Future, sampled: futures.Future) -> None:
