@@ -21,8 +21,8 @@ def engines(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 def params_for(stop_from: list[int]) -> list[SamplingParams]:
-    return [SamplingParams(max_tokens=6 + i, stop_token_ids=tuple(stop_from[i:i + 1]), temperature=0.0 if i % 2 else 0.8,
-                           seed=100 + i) for i in range(len(PROMPTS))]
+    return [SamplingParams(max_tokens=6 + i, stop_token_ids=tuple(stop_from[i:i + 1]),
+                           temperature=0.0 if i % 2 else 0.8, seed=100 + i) for i in range(len(PROMPTS))]
 
 
 def test_pipelined_decode_gives_the_same_tokens(engines) -> None:  # noqa: ANN001
