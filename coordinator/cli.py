@@ -22,6 +22,22 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _lookahead(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= defaults.MAX_LOOKAHEAD:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 0 to {defaults.MAX_LOOKAHEAD}")
+    return value
+
+
+def _lookahead_of(args: argparse.Namespace) -> int:
+    if args.no_lookahead and args.lookahead not in (None, 0):
+        raise SystemExit(f"coordinator start: --no-lookahead contradicts --lookahead {args.lookahead}")
+    return 0 if args.no_lookahead else defaults.LOOKAHEAD if args.lookahead is None else args.lookahead
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,10 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
     start.add_argument("--micro-batches", type=_positive_int, default=None,
                        help="steps in flight through the pipeline (default: one per stage)")
+    start.add_argument("--lookahead", type=_lookahead, default=None, metavar="K",
+                       help=f"steps a decoding request is sent ahead of its oldest step in flight, 0 to "
+                            f"{defaults.MAX_LOOKAHEAD} (default {defaults.LOOKAHEAD}): stage 0 takes each row's "
+                            "token from the step before it, so the pipeline does not wait for the round trip "
+                            "through the coordinator")
     start.add_argument("--no-lookahead", action="store_true",
-                       help="send a decoding request's next step only once its previous one has returned (by "
-                            "default each is sent one step ahead: stage 0 takes its token from the step in "
-                            "flight, so the pipeline never waits for the round trip through the coordinator)")
+                       help="the same as --lookahead 0: a decoding request's next step leaves once its previous "
+                            "one has returned")
     start.add_argument("--slots", type=_positive_int, default=None,
                        help="KV cache slots: sequences that run at once (default: as many as each stage's free "
                             "memory holds, up to --max-slots)")
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                    dtype=args.dtype, num_slots=args.slots, max_slots=args.max_slots,
                                    kv_memory_fraction=args.kv_memory_fraction, num_stages=args.stages,
                                    micro_batches=args.micro_batches, max_step_tokens=args.max_step_tokens,
-                                   lookahead=0 if args.no_lookahead else 1,
+                                   lookahead=_lookahead_of(args),
                                    max_queue=args.max_queue, max_streams_per_client=args.max_streams_per_client,
                                    max_seq_len=args.max_seq_len,
                                    heartbeat_interval_ms=args.heartbeat_ms,

@@ -17,3 +17,8 @@ CAPACITY_WAIT_S = 60.0  # without a placement (too few nodes left), requests wai
 # they are small and latency-bound; prefill messages are where bandwidth matters.
 CODEC_MIN_TOKENS = 64
 HTTP_PORT = 8000  # the OpenAI-compatible API, /metrics and /health (coordinator start --http-port)
+# Decoding requests go this many steps ahead of their oldest step in flight (coordinator start --lookahead):
+# stage 0 takes each row's input token from the step before it, so no step waits for a round trip through
+# the coordinator. At most MAX_LOOKAHEAD.
+LOOKAHEAD = 2
+MAX_LOOKAHEAD = 4

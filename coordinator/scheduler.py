@@ -11,9 +11,10 @@ running requests are split into groups, each group's next step leaves as soon as
 returns, and a request is never in two steps at once (its next input is the token the previous step
 sampled). A finished or cancelled request frees its slot at once.
 
-Lookahead (``lookahead=1``): a decoding request whose step is in flight may go into the next step too,
+Lookahead (``lookahead=k``): a decoding request whose step is in flight may go into the next step too,
 before that step returns, as a row "sent ahead" (SequenceStep.after_step) whose input is the token the
 step in flight will sample; stage 0 fills it in (on the device itself when it is also the last stage).
+Up to k such rows of a request are in flight behind its oldest step.
 So the pipeline never waits for a step's round trip through the coordinator: at batch 1 on one GPU the
 next step is queued while the current one computes. A request that turns out to have finished (EOS, a
 stop) wastes its row in the step sent ahead, whose token is dropped; one that would reach max_tokens is
@@ -101,6 +102,14 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # monotonic: when it first got a slot
     first_token_at: float | None = None  # monotonic; kept across a replay, as the client saw it then
+    _sampling: common_pb2.SamplingParams | None = field(default=None, repr=False)
+
+    @property
+    def sampling(self) -> common_pb2.SamplingParams:
+        """``params`` as the steps carry them, built once (every step of the request sends them)."""
+        if self._sampling is None:
+            self._sampling = sampling_to_proto(self.params)
+        return self._sampling
 
     @property
     def tokens(self) -> list[int]:
@@ -135,8 +144,9 @@ class Scheduler:
                  on_step_error: Callable[[str], None] | None = None) -> None:
         if max_queue < 0 or max_step_tokens < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 0 and max_step_tokens={max_step_tokens} >= 1")
-        if lookahead not in (0, 1):
-            raise ValueError(f"lookahead={lookahead} must be 0 (off) or 1 (decode rows sent one step ahead)")
+        if not 0 <= lookahead <= defaults.MAX_LOOKAHEAD:
+            raise ValueError(f"lookahead={lookahead} must be 0 (off) to {defaults.MAX_LOOKAHEAD} (steps a decoding "
+                             "request is sent ahead)")
         self.lookahead = lookahead
         self.eos_ids = eos_ids
         self.max_queue = max_queue
@@ -278,7 +288,7 @@ class Scheduler:
 
         A group holds about 1/micro_batches of the running requests, so the groups stay balanced; its
         decode rows come first, then rows sent ahead, then prompt chunks within what is left of the token
-        budget. With lookahead, up to twice as many steps are in flight.
+        budget. With lookahead k, up to k+1 times as many steps are in flight.
         """
         limit = self.micro_batches * (1 + self.lookahead)
         if self.submit_fn is None or self.holding or self.steps_in_flight >= limit:
@@ -317,10 +327,13 @@ class Scheduler:
         return rows or None
 
     def _can_send_ahead(self, req: Request) -> bool:
-        """A decoding request with one step in flight that will sample its next input, and whose next
-        token will not be its last by length: it may go into the next step already."""
-        return (self.lookahead > 0 and req.in_flight == 1 and req.held_error is None and not req.cancelled
-                and len(req.prompt) + len(req.output) == req.sent and len(req.output) + 1 < req.params.max_tokens)
+        """A decoding request whose steps in flight (at most ``lookahead``) each sample its next input (the
+        first its whole input sent, the others rows sent ahead), and whose token they bring will not be its
+        last by length: it may go into the next step already."""
+        n = req.in_flight
+        return (1 <= n <= self.lookahead and req.held_error is None and not req.cancelled
+                and req.sent - len(req.prompt) - len(req.output) == n - 1
+                and len(req.output) + n < req.params.max_tokens)
 
     def _send(self, step: list[Row], step_id: int, submit_fn, epoch: int, generation: int) -> None:  # noqa: ANN001
         msg = node_pb2.StepMessage(epoch=common_pb2.PlacementEpoch(value=epoch), step_id=step_id)
@@ -328,7 +341,7 @@ class Scheduler:
             for row in step:
                 req = row.req
                 msg.sequences.add(request_id=req.request_id, slot=req.slot, start=row.start, token_ids=row.tokens,
-                                  sampling=sampling_to_proto(req.params), seed=req.seed, after_step=row.after_step)
+                                  sampling=req.sampling, seed=req.seed, after_step=row.after_step)
             future = submit_fn(msg)
         except Exception as e:  # noqa: BLE001 - reported like a failed step
             future = Future()

@@ -60,7 +60,7 @@ class CoordinatorConfig:
     kv_memory_fraction: float = defaults.KV_MEMORY_FRACTION  # of the free memory beside the weights
     num_stages: int | None = None  # None: the planner's choice
     micro_batches: int | None = None  # steps in flight; None: one per stage
-    lookahead: int = 1  # decode rows sent one step ahead (coordinator/scheduler.py); 0: off
+    lookahead: int = defaults.LOOKAHEAD  # steps decode rows are sent ahead (coordinator/scheduler.py); 0: off
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
     max_streams_per_client: int = defaults.MAX_STREAMS_PER_CLIENT

@@ -23,8 +23,9 @@ from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache, KVCacheSpec, available_memory, slots_for_memory
 from engine.model_source import load_hf_config, resolve_model
 from engine.parallel import TPGroup
-from engine.sampling import SamplingParams, finish_reason, resolve_seed, sample, tokens_to_host
+from engine.sampling import SamplingParams, finish_reason, resolve_seed, sample
 from engine.stage import StageModel, parse_dtype
+from engine.transfer import tokens_to_host
 from engine.weights import WeightReader
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -241,20 +241,3 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
     last_kept = keep.sum() - 1
     pick = torch.minimum(torch.searchsorted(cdf, target, right=True), last_kept)
     return order[pick[0]]
-
-
-def tokens_to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying sampled ``tokens`` to the host; the returned call waits for them and only for them.
-    (A plain ``.tolist()`` is a copy queued behind everything launched since, such as the next step.)"""
-    if tokens.device.type != "cuda":
-        return tokens.tolist
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return wait

@@ -30,8 +30,9 @@ from engine.graphs import DecodeGraphs, graphs_pay
 from engine.kv_cache import KVCache
 from engine.logs import dump_stacks_on_signal, log_line
 from engine.parallel import TPGroup
-from engine.sampling import sample, tokens_to_host
+from engine.sampling import SamplingParams, sample
 from engine.stage import StageModel, parse_dtype
+from engine.transfer import to_device, tokens_to_host
 from node.link import CodecCost, LinkPolicy, TrafficCounters, measure_cost, measure_link, parse_link_codec
 from node.wire import (
     WireError,
@@ -52,6 +53,7 @@ MAX_GROUP = 64  # the most ranks of one tensor-parallel group
 KIND_IDS, KIND_HIDDEN = 1, 2
 # Stage 0 remembers what this many recent steps sampled, for the rows sent ahead of them (after_step).
 RECENT_STEPS = 64
+PARAMS_KEPT = 4  # requests' parsed sampling params kept, per slot
 AHEAD_WAIT_S = 600.0  # how long a row sent ahead waits for the step it follows
 
 
@@ -104,9 +106,9 @@ class StageRunner:
 
     def run(self, slots: list[int], starts: list[int], lengths: list[int], x: torch.Tensor) -> torch.Tensor:
         if self.graphs is not None and self.graphs.handles(lengths):
-            return self.graphs.run(slots, starts, x.to(self.stage.device))
+            return self.graphs.run(slots, starts, to_device(x, self.stage.device))
         meta = self.stage.make_meta(slots, starts, lengths)
-        return self.stage(x.to(self.stage.device), meta, self.cache)
+        return self.stage(to_device(x, self.stage.device), meta, self.cache)
 
 
 def _weight_reader(spec: ExecutorSpec):  # noqa: ANN202 - WeightReader or CachedWeightReader
@@ -166,6 +168,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.runner, self.broadcast, self.spec = runner, broadcast, spec
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
+        # request id -> its sampling params, parsed once: every step of a request carries the same ones.
+        self.params: OrderedDict[str, SamplingParams] = OrderedDict()
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
         self.data_key = spec.data_key
         self.old_keys: list[str] = []  # of earlier epochs (a call with one is told it is stale)
@@ -265,6 +269,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
             raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
         ahead = any(s.after_step for s in seqs)
+        params = self._params(seqs) if self.is_last or ahead else None
         if ahead and (not self.runner.stage.is_first or any(s.after_step and s.token_ids for s in seqs)):
             raise ValueError("a row sent ahead (after_step) must reach stage 0 without token ids")
         # Checked here, not left to torch: an id outside the vocabulary failed the embedding with an
@@ -277,7 +282,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
             raise ValueError(f"a sequence goes past the KV cache's {capacity} positions: starts {starts}, "
                              f"lengths {lengths}")
         if ahead:
-            x = self._ahead_tokens(seqs)
+            x = self._ahead_tokens(seqs, params)
         elif self.runner.stage.is_first:
             x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:
@@ -296,7 +301,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 sampled = self._remember(msg.step_id)
                 sent.add_done_callback(lambda f: _pass_tokens(f, sampled))
             return sent
-        tokens = self._sample(seqs, lengths, out)  # on the stage's device
+        tokens = self._sample(seqs, params, lengths, out)  # on the stage's device
         sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
         if sampled is not None and tokens.device.type == "cuda":
             self.recent_device[msg.step_id] = ({s: i for i, s in enumerate(slots)}, tokens)
@@ -324,32 +329,49 @@ class StageServicer(node_pb2_grpc.StageServicer):
             self.recent.popitem(last=False)
         return sampled
 
-    def _ahead_tokens(self, seqs) -> torch.Tensor:  # noqa: ANN001 - repeated SequenceStep
+    def _params(self, seqs) -> list[SamplingParams]:  # noqa: ANN001 - repeated SequenceStep
+        """Each row's sampling params (ConfigError, a ValueError, for bad ones)."""
+        out = []
+        for s in seqs:
+            p = self.params.get(s.request_id)
+            if p is None:
+                p = self.params[s.request_id] = sampling_from_proto(s.sampling)
+                while len(self.params) > PARAMS_KEPT * self.spec.num_slots:
+                    self.params.popitem(last=False)
+            out.append(p)
+        return out
+
+    def _ahead_tokens(self, seqs, params: list[SamplingParams]) -> torch.Tensor:  # noqa: ANN001
         """The packed token ids [N] of a step with rows sent ahead. Where this stage sampled the steps they
         follow and no row needs its history on the host, the tokens never leave the device; otherwise
         each row waits for its step's tokens (on stage 0 before the last: that step's result passing back)
         and gets them written into its token_ids, for the stages after this one."""
         device = self.runner.stage.device
-        params_need_history = any(sampling_from_proto(s.sampling).repetition_penalty != 1.0 for s in seqs)
+        params_need_history = any(p.repetition_penalty != 1.0 for p in params)
         on_device = (self.is_last and not params_need_history
                      and all(s.after_step in self.recent_device for s in seqs if s.after_step))
         if on_device:
-            known = [0 if s.after_step else t for s in seqs for t in (s.token_ids or [0])]
-            x = torch.tensor(known, dtype=torch.long).to(device, non_blocking=True)
-            offset, groups = 0, {}  # followed step -> (packed positions, rows of that step)
+            # One gather from [known ids..., each followed step's tokens...]: its index and the known ids
+            # reach the device in one copy that does not wait for the step in flight.
+            known = [t for s in seqs if not s.after_step for t in s.token_ids]
+            followed = list(dict.fromkeys(s.after_step for s in seqs if s.after_step))
+            base, offset = {}, len(known)
+            for step_id in followed:
+                base[step_id] = offset
+                offset += self.recent_device[step_id][1].shape[0]
+            index, k = [], 0
             for s in seqs:
                 if s.after_step:
-                    index, _ = self.recent_device[s.after_step]
-                    if s.slot not in index:
+                    rows = self.recent_device[s.after_step][0]
+                    if s.slot not in rows:
                         raise ValueError(f"slot {s.slot} was not in step {s.after_step}, which it follows")
-                    pos, rows = groups.setdefault(s.after_step, ([], []))
-                    pos.append(offset)
-                    rows.append(index[s.slot])
-                offset += max(1, len(s.token_ids))
-            for step_id, (pos, rows) in groups.items():
-                tokens = self.recent_device[step_id][1]
-                x[torch.tensor(pos).to(device)] = tokens[torch.tensor(rows).to(device)]
-            return x
+                    index.append(base[s.after_step] + rows[s.slot])
+                else:
+                    index.extend(range(k, k + len(s.token_ids)))
+                    k += len(s.token_ids)
+            host = to_device(known + index, device)
+            pool = torch.cat([host[:len(known)], *(self.recent_device[i][1] for i in followed)])
+            return pool[host[len(known):]]
         for s in seqs:
             if not s.after_step:
                 continue
@@ -380,8 +402,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
                              f"{num_tokens} tokens")
         return x.to(self.runner.stage.dtype)
 
-    def _sample(self, seqs, lengths: list[int], logits: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        params = [sampling_from_proto(s.sampling) for s in seqs]
+    def _sample(self, seqs, params: list[SamplingParams], lengths: list[int], logits: torch.Tensor  # noqa: ANN001
+                ) -> torch.Tensor:
         for s in seqs:
             hist = self.history.setdefault(s.slot, [])
             if s.start == 0:

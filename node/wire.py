@@ -12,6 +12,7 @@ import torch
 
 from engine.codecs import Encoded, make_codec
 from engine.sampling import SamplingParams
+from engine.transfer import to_device
 from tensorfleet.v1 import common_pb2
 
 MAX_TENSOR_BYTES = 1 << 31  # 2 GiB: far above any activation message, far below what would exhaust a node
@@ -62,7 +63,7 @@ def tensor_from_proto(msg: common_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYT
     if expected == 0:
         return torch.empty(shape, dtype=dtype, device=device)
     flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
-    return flat.reshape(shape).to(device)
+    return to_device(flat.reshape(shape), torch.device(device))  # not waiting for this device's queued work
 
 
 def encoded_to_proto(e: Encoded) -> common_pb2.EncodedTensor:

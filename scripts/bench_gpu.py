@@ -16,7 +16,8 @@ SHAPES, in ``--dtype``), each system of ``--systems`` is loaded, measured at eac
 - ``cluster1``: coordinator/local_cluster.py, one node on the device; ``cluster2``: two nodes both on
   the same device, two pipeline stages. B concurrent streaming clients (threads), one prompt each.
 - baselines, only when named in ``--systems``: ``engine_plain`` (no fused kernels, no pipelined decode),
-  ``cluster1_nolookahead`` and ``cluster2_nolookahead`` (``coordinator start --no-lookahead``).
+  ``cluster1_nolookahead`` and ``cluster2_nolookahead`` (``coordinator start --no-lookahead``); and any
+  ``clusterN_lookaheadK`` (``--lookahead K``, N of 1 or 2).
 
 Every system gets the same prompts (seeded random token ids, ``--prompt-tokens`` long) and is timed the
 same way: t_N, a generation of N = ``--tokens`` new tokens, and t_1, of one new token (prefill), best of
@@ -38,6 +39,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import struct
 import sys
@@ -56,6 +58,7 @@ SYSTEMS = ("copy", "hf", "engine", "cluster1", "cluster2")
 # Not run by default: the same systems without this version's speed-ups, for side-by-side ratios.
 BASELINES = ("engine_plain", "cluster1_nolookahead", "cluster2_nolookahead")
 MODEL_SYSTEMS = (*SYSTEMS[1:], *BASELINES)
+LOOKAHEAD_VARIANT = re.compile(r"cluster[12]_lookahead[0-4]")
 COPY_REPEATS = 10
 PROMPT_SEED = 1234
 CLUSTER_START_S = 300.0
@@ -68,6 +71,10 @@ class BenchError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ arguments
+def known_system(name: str) -> bool:
+    return name in SYSTEMS + BASELINES or LOOKAHEAD_VARIANT.fullmatch(name) is not None
+
+
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -97,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_sizes = sorted({int(b) for b in _csv(args.batch_sizes)})
     except ValueError:
         p.error(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers")
-    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.systems if s not in (*SYSTEMS, *BASELINES)]
+    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.systems if not known_system(s)]
     if bad:
         p.error(f"unknown {', '.join(bad)}; shapes: {', '.join(SHAPES)}; systems: {', '.join(SYSTEMS + BASELINES)}")
     if min(args.batch_sizes, default=0) < 1 or args.tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
@@ -336,8 +343,8 @@ def open_system(name: str, model_dir: Path, args: argparse.Namespace, work: Path
     if name in ("engine", "engine_plain"):
         return EngineSystem(model_dir, args, work, plain=name == "engine_plain")
     nodes, _, variant = name.removeprefix("cluster").partition("_")
-    return ClusterSystem(model_dir, args, work, nodes=int(nodes),
-                         extra_args=["--no-lookahead"] if variant == "nolookahead" else ())
+    extra = ["--no-lookahead"] if variant == "nolookahead" else ["--lookahead", variant[9:]] if variant else []
+    return ClusterSystem(model_dir, args, work, nodes=int(nodes), extra_args=extra)
 
 
 # ------------------------------------------------------------------------------------------- measure
@@ -436,7 +443,8 @@ def run_shape(shape: str, args: argparse.Namespace, report: Report, work: Path) 
                + (f", roofline {entry['roofline_ms']:.2f} ms/step" if "roofline_ms" in entry else ""))
     report.save()
     prompts = random_prompts(int(load_hf_config(model_dir)["vocab_size"]), max(args.batch_sizes), args.prompt_tokens)
-    for name in (s for s in MODEL_SYSTEMS if s in args.systems):
+    variants = [s for s in args.systems if s not in SYSTEMS + BASELINES]
+    for name in [s for s in MODEL_SYSTEMS if s in args.systems] + variants:
         try:
             run_system(name, model_dir, prompts, entry, args, report, work / f"{shape}-runs")
         except Exception as e:  # noqa: BLE001 - recorded in the report and the exit status; the next system runs

@@ -28,7 +28,7 @@ def test_two_stages_on_one_gpu_match_the_engine(tmp_path: Path) -> None:
     want = [llm.generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
     nodes = [NodeSpec(devices="cuda:0", model_dir=str(model)),
              NodeSpec(devices="cuda:0", cache_dir=str(tmp_path / "c"))]
-    args = ["--stages", "2", "--slots", "4", "--max-seq-len", "256", "--dtype", "bfloat16"]
+    args = ["--stages", "2", "--slots", "4", "--max-seq-len", "256", "--dtype", "bfloat16", "--no-http"]
     with LocalCluster(tmp_path / "run", model=str(model), nodes=nodes, coordinator_args=args) as cluster:
         with TensorfleetClient(cluster.address) as client:
             assert len(client.status().stages) == 2

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from coordinator import defaults
 from coordinator.scheduler import Event, Request, Scheduler
 from engine.detokenize import IncrementalDetokenizer
 from engine.sampling import SamplingParams
@@ -528,10 +529,11 @@ def run_all(s: Scheduler, reqs: list[Request]) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_lookahead_gives_the_same_tokens_with_rows_sent_ahead(batch: int) -> None:
+def test_lookahead_gives_the_same_tokens_with_rows_sent_ahead(batch: int, depth: int) -> None:
     outputs = {}
-    for lookahead in (0, 1):
+    for lookahead in (0, depth):
         s = Scheduler(eos_ids={EOS}, lookahead=lookahead)
         pipe = OrderedPipeline()
         s.set_pipeline(pipe, epoch=1, num_slots=8)
@@ -540,7 +542,7 @@ def test_lookahead_gives_the_same_tokens_with_rows_sent_ahead(batch: int) -> Non
         s.stop()
         if lookahead:
             assert len(ahead_rows) >= batch * 8  # most decode rows went ahead of their previous step
-            assert pipe.most_in_flight >= 2
+            assert pipe.most_in_flight >= 1 + depth  # a request is in up to 1 + depth steps at once
         else:
             assert not ahead_rows
         rows_per_slot = {}
@@ -549,12 +551,18 @@ def test_lookahead_gives_the_same_tokens_with_rows_sent_ahead(batch: int) -> Non
                 rows_per_slot[slot] = rows_per_slot.get(slot, 0) + 1
         # one prefill row and 11 decode rows each: nothing is sent ahead past max_tokens
         assert sorted(rows_per_slot.values()) == [12] * batch
-    assert outputs[0] == outputs[1]
-    assert outputs[1]["r0"] == [10 + p for p in range(3, 15)]
+    assert outputs[0] == outputs[depth]
+    assert outputs[depth]["r0"] == [10 + p for p in range(3, 15)]
 
 
-def test_lookahead_drops_the_row_after_an_eos_and_reuses_the_slot() -> None:
-    s = Scheduler(eos_ids={EOS}, lookahead=1)
+def test_lookahead_is_bounded() -> None:
+    with pytest.raises(ValueError, match="lookahead"):
+        Scheduler(eos_ids={EOS}, lookahead=defaults.MAX_LOOKAHEAD + 1)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lookahead_drops_the_row_after_an_eos_and_reuses_the_slot(depth: int) -> None:
+    s = Scheduler(eos_ids={EOS}, lookahead=depth)
     pipe = OrderedPipeline(eos_at=6)  # the token at position 6 is EOS: a prompt of 4 ends after 3 tokens
     s.set_pipeline(pipe, epoch=1, num_slots=1)  # one slot: the second request waits for it
     out = run_all(s, [request("a", prompt_len=4, max_tokens=10), request("b", prompt_len=2, max_tokens=3)])
