@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--stages", type=_positive_int, default=None,
                        help="use exactly this many pipeline stages (default: whatever the planner finds fastest)")
     start.add_argument("--micro-batches", type=_positive_int, default=None,
-                       help="steps in flight through the pipeline (default: one per stage)")
+                       help="steps in flight through the pipeline (default: one per stage, counting stages that share "
+                            "a GPU as one)")
     start.add_argument("--lookahead", type=_lookahead, default=None, metavar="K",
                        help=f"steps a decoding request is sent ahead of its oldest step in flight, 0 to "
                             f"{defaults.MAX_LOOKAHEAD} (default {defaults.LOOKAHEAD}): stage 0 takes each row's "

@@ -267,8 +267,8 @@ class Placer:
         with self.lock:
             self.stages, self.stream, self.plan = infos, stream, plan
             self.unavailable_reason = ""
-        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=num_slots,
-                                    micro_batches=self.config.micro_batches or len(infos))
+        micro_batches = self.config.micro_batches or distinct_hardware(infos, {m.node_id: m for m in members})
+        self.scheduler.set_pipeline(stream.submit, epoch=epoch, num_slots=num_slots, micro_batches=micro_batches)
         self.set_serving(True)
         change.epoch, change.layers_moved, change.resumed_at = epoch, moved, time.time()
         took = f" {change.resumed_at - change.detected_at:.2f} s after it began" if change.kind != "initial" else ""
@@ -430,3 +430,22 @@ class _LoadFailed(TensorfleetError):
 class _LoadRefused(_LoadFailed):
     """A node answered LoadStage with an error (out of memory, a bad cache, ...): it stays a member, set
     aside from placement for ``SET_ASIDE_S``."""
+
+
+def distinct_hardware(stages: list, members: dict[str, Member]) -> int:
+    """How many of the pipeline's stages can compute at the same time: stages whose devices share a GPU
+    (nodes on one machine, with the same DeviceInfo.uuid) take turns on it. The default number of steps in
+    flight: more would only split each step's rows, and every split reads the stage's weights again."""
+    groups: list[set[str]] = []
+    for stage in stages:
+        ids = set()
+        for m in stage.members:
+            info = members[m.node_id].info.devices
+            uuid = info[m.device_index].uuid if m.device_index < len(info) else ""
+            ids.add(uuid or f"{m.node_id}:{m.device_index}")
+        joined = [g for g in groups if g & ids]
+        for g in joined:
+            groups.remove(g)
+            ids |= g
+        groups.append(ids)
+    return max(1, len(groups))

@@ -59,7 +59,7 @@ class CoordinatorConfig:
     max_slots: int = defaults.MAX_SLOTS
     kv_memory_fraction: float = defaults.KV_MEMORY_FRACTION  # of the free memory beside the weights
     num_stages: int | None = None  # None: the planner's choice
-    micro_batches: int | None = None  # steps in flight; None: one per stage
+    micro_batches: int | None = None  # steps in flight; None: one per stage on its own hardware
     lookahead: int = defaults.LOOKAHEAD  # steps decode rows are sent ahead (coordinator/scheduler.py); 0: off
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE

@@ -234,7 +234,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                 kind=common_pb2.DEVICE_KIND_CUDA if dev.kind == "cuda" else common_pb2.DEVICE_KIND_CPU,
                 index=i, ordinal=dev.index, name=dev.name, total_memory_bytes=dev.total_memory_bytes,
                 free_memory_bytes=dev.free_memory_bytes, matmul_flops=result.matmul_flops,
-                memory_bandwidth_bytes_per_s=result.memory_bandwidth))
+                memory_bandwidth_bytes_per_s=result.memory_bandwidth, uuid=dev.uuid))
         return common_pb2.NodeInfo(name=self.name, address=self.address, devices=infos, version="0.1.0",
                                    host_memory_bytes=host_memory()[0], store_port=self.store.port if self.store else 0)
 

@@ -47,6 +47,7 @@ class Device:
     total_memory_bytes: int
     free_memory_bytes: int
     threads: int = 0  # CPU executors: torch threads this executor may use; 0 for cuda
+    uuid: str = ""  # a GPU's own id (NVML's "GPU-..."): two nodes on one machine may share a GPU; "": unknown
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -306,6 +307,7 @@ def _cuda_devices(indices: list[int]) -> list[Device]:
                         name=name,
                         total_memory_bytes=memory.total,
                         free_memory_bytes=memory.free,
+                        uuid=_as_str(nvml.nvmlDeviceGetUUID(handles[index])),
                     )
                 )
             return out
@@ -322,9 +324,16 @@ def _cuda_devices(indices: list[int]) -> list[Device]:
                 name=cuda.get_device_name(index),
                 total_memory_bytes=total,
                 free_memory_bytes=free,
+                uuid=_torch_uuid(cuda, index),
             )
         )
     return out
+
+
+def _torch_uuid(cuda, index: int) -> str:  # noqa: ANN001 - torch.cuda
+    """NVML's form of the GPU's UUID ("GPU-" and the hex digits) as torch reports it, or "" if it does not."""
+    uuid = getattr(cuda.get_device_properties(index), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else ""
 
 
 # --- host: CPU and memory ----------------------------------------------------------------------------

@@ -111,7 +111,7 @@ class PlacementEpoch(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("kind", "index", "name", "total_memory_bytes", "free_memory_bytes", "matmul_flops", "memory_bandwidth_bytes_per_s", "ordinal", "used_memory_bytes", "utilization_percent", "temperature_celsius", "power_watts")
+    __slots__ = ("kind", "index", "name", "total_memory_bytes", "free_memory_bytes", "matmul_flops", "memory_bandwidth_bytes_per_s", "ordinal", "used_memory_bytes", "utilization_percent", "temperature_celsius", "power_watts", "uuid")
     KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class DeviceInfo(_message.Message):
     UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
     POWER_WATTS_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
     kind: DeviceKind
     index: int
     name: str
@@ -136,7 +137,8 @@ class DeviceInfo(_message.Message):
     utilization_percent: float
     temperature_celsius: float
     power_watts: float
-    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., matmul_flops: _Optional[float] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., ordinal: _Optional[int] = ..., used_memory_bytes: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ...) -> None: ...
+    uuid: str
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., matmul_flops: _Optional[float] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., ordinal: _Optional[int] = ..., used_memory_bytes: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., uuid: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("name", "address", "devices", "version", "host_memory_bytes", "store_port")
