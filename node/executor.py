@@ -317,7 +317,10 @@ class StageServicer(node_pb2_grpc.StageServicer):
                                  for s, t in zip(seqs, ids, strict=True))
             return result
 
-        if tokens.device.type != "cuda":
+        if tokens.device.type != "cuda" or (sampled is None and self.work.empty()):
+            # Nothing to start meanwhile (a stage after the first: its next step waits for these tokens
+            # anyway at batch 1), so no hop through the finisher thread. Stage 0 may get a step sent
+            # ahead any moment, which it launches before these tokens reach the host.
             return finish()
         return self.finisher.submit(finish)  # the next step starts meanwhile
 
