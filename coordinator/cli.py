@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-streams-per-client", type=_positive_int, default=defaults.MAX_STREAMS_PER_CLIENT,
                        help="Generate streams one API key (without keys: one address) may hold at once; more are "
                             "refused with RESOURCE_EXHAUSTED (default: %(default)s)")
-    start.add_argument("--max-seq-len", type=_positive_int, default=2048,
-                       help="longest sequence (prompt + generated) (default: %(default)s)")
+    start.add_argument("--max-seq-len", type=_positive_int, default=None,
+                       help="longest sequence (prompt + generated); at most the model's positions (default: "
+                            "2048, or the model's max_position_embeddings if fewer)")
     start.add_argument("--heartbeat-ms", type=_positive_int, default=defaults.HEARTBEAT_INTERVAL_MS,
                        help="heartbeat interval in ms (default: %(default)s)")
     start.add_argument("--heartbeat-timeout-ms", type=_positive_int, default=defaults.HEARTBEAT_TIMEOUT_MS,

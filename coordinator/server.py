@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -64,7 +64,7 @@ class CoordinatorConfig:
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
     max_streams_per_client: int = defaults.MAX_STREAMS_PER_CLIENT
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None  # tokens per sequence; None: 2048, or the model's positions if fewer
     heartbeat_interval_ms: int = defaults.HEARTBEAT_INTERVAL_MS
     heartbeat_timeout_ms: int = defaults.HEARTBEAT_TIMEOUT_MS
     capacity_wait_s: float = defaults.CAPACITY_WAIT_S  # without a placement, requests wait this long
@@ -98,6 +98,7 @@ class CoordinatorConfig:
                                    f"{self.tp_codec_min_elements} must be >= 0")
 
 
+DEFAULT_MAX_SEQ_LEN = 2048
 SERVICE_NAME = "tensorfleet.v1.Coordinator"
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
@@ -112,6 +113,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         source = resolve_model(config.model, cache_dir=config.cache_dir)
         self.model_dir, self.model_name = Path(source.path), source.name
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.config = config = replace(config, max_seq_len=resolve_max_seq_len(config.max_seq_len, self.hf_config))
         self.manifest = build_manifest(self.model_dir, name=source.name)
         self.weights = WeightServer(self.model_dir, self.manifest)
         self.tokenizer = None
@@ -314,6 +316,17 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                              f"max_seq_len={self.config.max_seq_len}")
         return Request(request_id=request_id or uuid.uuid4().hex, prompt=ids, params=params,
                        seed=resolve_seed(params), detok=IncrementalDetokenizer(self.tokenizer, params.stop))
+
+
+def resolve_max_seq_len(asked: int | None, hf_config: dict) -> int:
+    """The KV room per sequence: ``asked``, or DEFAULT_MAX_SEQ_LEN capped by the model's positions. Asking
+    for more positions than the model has is a TensorfleetError (its steps would fail past them)."""
+    limit = hf_config.get("max_position_embeddings")
+    if asked is None:
+        return min(DEFAULT_MAX_SEQ_LEN, int(limit)) if limit else DEFAULT_MAX_SEQ_LEN
+    if limit and asked > int(limit):
+        raise TensorfleetError(f"--max-seq-len {asked} exceeds the model's max_position_embeddings={limit}")
+    return asked
 
 
 def client_identity(context) -> str:  # noqa: ANN001 - a grpc.ServicerContext
