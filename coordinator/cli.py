@@ -33,8 +33,6 @@ def _lookahead(text: str) -> int:
 
 
 def _lookahead_of(args: argparse.Namespace) -> int:
-    if args.no_lookahead and args.lookahead not in (None, 0):
-        raise SystemExit(f"coordinator start: --no-lookahead contradicts --lookahead {args.lookahead}")
     return 0 if args.no_lookahead else defaults.LOOKAHEAD if args.lookahead is None else args.lookahead
 
 
@@ -168,6 +166,8 @@ def _announce_secrets(coordinator) -> None:  # noqa: ANN001 - coordinator.server
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "start" and args.no_lookahead and args.lookahead not in (None, 0):
+        parser.error(f"--no-lookahead contradicts --lookahead {args.lookahead}")
     from engine.logs import dump_stacks_on_signal
 
     dump_stacks_on_signal()

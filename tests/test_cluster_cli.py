@@ -32,6 +32,9 @@ def test_coordinator_with_a_missing_model_says_so_in_one_line(capsys: pytest.Cap
         (node_cli.main, ["join", "h:1", "--devices", "cpu,cpu"], "names a device twice"),
         (coordinator_cli.main, ["start", "--min-nodes", "0"], "integer >= 1"),
         (coordinator_cli.main, ["start", "--port", "x"], "not a port number"),
+        (coordinator_cli.main, ["start", "--lookahead", "5"], "from 0 to 4"),
+        (coordinator_cli.main, ["start", "--lookahead", "-1"], "from 0 to 4"),
+        (coordinator_cli.main, ["start", "--lookahead", "2", "--no-lookahead"], "contradicts"),
     ],
 )
 def test_bad_arguments_are_usage_errors(main, argv, complaint, capsys: pytest.CaptureFixture[str]) -> None:
