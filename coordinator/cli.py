@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "refused with RESOURCE_EXHAUSTED (default: %(default)s)")
     start.add_argument("--max-seq-len", type=_positive_int, default=None,
                        help="longest sequence (prompt + generated); at most the model's positions (default: "
-                            "2048, or the model's max_position_embeddings if fewer)")
+                            f"{defaults.MAX_SEQ_LEN}, or the model's max_position_embeddings if fewer)")
     start.add_argument("--heartbeat-ms", type=_positive_int, default=defaults.HEARTBEAT_INTERVAL_MS,
                        help="heartbeat interval in ms (default: %(default)s)")
     start.add_argument("--heartbeat-timeout-ms", type=_positive_int, default=defaults.HEARTBEAT_TIMEOUT_MS,

@@ -22,3 +22,5 @@ HTTP_PORT = 8000  # the OpenAI-compatible API, /metrics and /health (coordinator
 # the coordinator. At most MAX_LOOKAHEAD.
 LOOKAHEAD = 2
 MAX_LOOKAHEAD = 4
+# Tokens per sequence (prompt + generated) without --max-seq-len, fewer where the model has fewer positions.
+MAX_SEQ_LEN = 2048

@@ -33,6 +33,7 @@ over) or the step itself was bad (then ``fail_held`` ends its requests with the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -102,14 +103,11 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # monotonic: when it first got a slot
     first_token_at: float | None = None  # monotonic; kept across a replay, as the client saw it then
-    _sampling: common_pb2.SamplingParams | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def sampling(self) -> common_pb2.SamplingParams:
         """``params`` as the steps carry them, built once (every step of the request sends them)."""
-        if self._sampling is None:
-            self._sampling = sampling_to_proto(self.params)
-        return self._sampling
+        return sampling_to_proto(self.params)
 
     @property
     def tokens(self) -> list[int]:

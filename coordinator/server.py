@@ -64,7 +64,7 @@ class CoordinatorConfig:
     max_step_tokens: int = defaults.MAX_STEP_TOKENS
     max_queue: int = defaults.MAX_QUEUE
     max_streams_per_client: int = defaults.MAX_STREAMS_PER_CLIENT
-    max_seq_len: int | None = None  # tokens per sequence; None: 2048, or the model's positions if fewer
+    max_seq_len: int | None = None  # tokens per sequence; None: defaults.MAX_SEQ_LEN, or the model's positions if fewer
     heartbeat_interval_ms: int = defaults.HEARTBEAT_INTERVAL_MS
     heartbeat_timeout_ms: int = defaults.HEARTBEAT_TIMEOUT_MS
     capacity_wait_s: float = defaults.CAPACITY_WAIT_S  # without a placement, requests wait this long
@@ -98,7 +98,6 @@ class CoordinatorConfig:
                                    f"{self.tp_codec_min_elements} must be >= 0")
 
 
-DEFAULT_MAX_SEQ_LEN = 2048
 SERVICE_NAME = "tensorfleet.v1.Coordinator"
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
@@ -319,11 +318,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 def resolve_max_seq_len(asked: int | None, hf_config: dict) -> int:
-    """The KV room per sequence: ``asked``, or DEFAULT_MAX_SEQ_LEN capped by the model's positions. Asking
+    """The KV room per sequence: ``asked``, or defaults.MAX_SEQ_LEN capped by the model's positions. Asking
     for more positions than the model has is a TensorfleetError (its steps would fail past them)."""
     limit = hf_config.get("max_position_embeddings")
     if asked is None:
-        return min(DEFAULT_MAX_SEQ_LEN, int(limit)) if limit else DEFAULT_MAX_SEQ_LEN
+        return min(defaults.MAX_SEQ_LEN, int(limit)) if limit else defaults.MAX_SEQ_LEN
     if limit and asked > int(limit):
         raise TensorfleetError(f"--max-seq-len {asked} exceeds the model's max_position_embeddings={limit}")
     return asked

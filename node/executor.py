@@ -53,7 +53,7 @@ MAX_GROUP = 64  # the most ranks of one tensor-parallel group
 KIND_IDS, KIND_HIDDEN = 1, 2
 # Stage 0 remembers what this many recent steps sampled, for the rows sent ahead of them (after_step).
 RECENT_STEPS = 64
-PARAMS_KEPT = 4  # requests' parsed sampling params kept, per slot
+PARAMS_KEPT = 4  # parsed sampling params kept, per slot
 AHEAD_WAIT_S = 600.0  # how long a row sent ahead waits for the step it follows
 
 
@@ -168,8 +168,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         self.runner, self.broadcast, self.spec = runner, broadcast, spec
         self.is_last = runner.stage.is_last
         self.history: dict[int, list[int]] = {}  # slot -> tokens so far (last stage, repetition penalty)
-        # request id -> its sampling params, parsed once: every step of a request carries the same ones.
-        self.params: OrderedDict[str, SamplingParams] = OrderedDict()
+        # A step's rows carry their sampling params; each distinct message is parsed once (keyed by its
+        # bytes, not the request id, which clients may choose and reuse).
+        self.params: OrderedDict[bytes, SamplingParams] = OrderedDict()
         self.epoch, self.next_address = spec.epoch, spec.next_stage_address
         self.data_key = spec.data_key
         self.old_keys: list[str] = []  # of earlier epochs (a call with one is told it is stale)
@@ -336,9 +337,10 @@ class StageServicer(node_pb2_grpc.StageServicer):
         """Each row's sampling params (ConfigError, a ValueError, for bad ones)."""
         out = []
         for s in seqs:
-            p = self.params.get(s.request_id)
+            key = s.sampling.SerializeToString(deterministic=True)
+            p = self.params.get(key)
             if p is None:
-                p = self.params[s.request_id] = sampling_from_proto(s.sampling)
+                p = self.params[key] = sampling_from_proto(s.sampling)
                 while len(self.params) > PARAMS_KEPT * self.spec.num_slots:
                     self.params.popitem(last=False)
             out.append(p)

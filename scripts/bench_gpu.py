@@ -343,7 +343,10 @@ def open_system(name: str, model_dir: Path, args: argparse.Namespace, work: Path
     if name in ("engine", "engine_plain"):
         return EngineSystem(model_dir, args, work, plain=name == "engine_plain")
     nodes, _, variant = name.removeprefix("cluster").partition("_")
-    extra = ["--no-lookahead"] if variant == "nolookahead" else ["--lookahead", variant[9:]] if variant else []
+    if variant == "nolookahead":
+        extra = ["--no-lookahead"]
+    else:  # "" (the default lookahead) or lookaheadK
+        extra = ["--lookahead", variant.removeprefix("lookahead")] if variant else []
     return ClusterSystem(model_dir, args, work, nodes=int(nodes), extra_args=extra)
 
 

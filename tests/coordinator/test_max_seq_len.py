@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.server import DEFAULT_MAX_SEQ_LEN, resolve_max_seq_len
+from coordinator.defaults import MAX_SEQ_LEN as DEFAULT_MAX_SEQ_LEN
+from coordinator.server import resolve_max_seq_len
 from engine.errors import TensorfleetError
 
 
