@@ -35,6 +35,7 @@ class NodeSpec:
     # A node keeps an executor process ready (torch imported) for the next failover; tests without
     # failovers turn it off to spare the CPU it takes to start.
     standby: bool = True
+    shared_memory: bool = True  # False: node.cli join --no-shared-memory
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -137,6 +138,8 @@ class LocalCluster:
             args += ["--tls", self.tls_dir]
         if not spec.standby:
             args.append("--no-standby")
+        if not spec.shared_memory:
+            args.append("--no-shared-memory")
         return self._spawn(name, args, taskset=spec.taskset, env=spec.env, netns=spec.netns)
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--no-standby", action="store_true",
                       help="do not keep an executor process started ahead (saves its memory, about 0.3 GiB on "
                            "CPU; a stage that fails over to this node then starts about 1.5 s later)")
+    join.add_argument("--no-shared-memory", action="store_true",
+                      help="send hidden states to the next stage over the network stack even where it runs on "
+                           "this machine (by default small steps between stages on one GPU, or on this host's "
+                           "CPUs, go through shared memory: node/peer_ring.py)")
     _add_token_flag(join)
     leave = sub.add_parser("leave", help="drain a node: move its layers to the others, then stop it",
                            description="Drain NODE (its id, or its name when unique): the coordinator moves its "
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         config = NodeConfig(coordinator=args.coordinator, devices=devices, name=args.name, host=args.host,
                             port=args.port, cache_dir=args.cache_dir or "", model_dir=args.model_dir,
                             probe=not args.no_probe, standby=not args.no_standby, join_token=join_token(args),
-                            tls_dir=args.tls)
+                            tls_dir=args.tls, shared_memory=not args.no_shared_memory)
         daemon = NodeDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())
         daemon.start()

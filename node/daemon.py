@@ -59,6 +59,7 @@ class NodeConfig:
     standby: bool = True  # keep an executor process started ahead (faster failover; costs its memory)
     join_token: str = ""  # the cluster's join token (node/security.py)
     tls_dir: str | None = None  # the cluster's certificates (node/certs.py): TLS everywhere, mutual on our servers
+    shared_memory: bool = True  # steps to a next stage on this machine through shared memory (node/peer_ring.py)
 
 
 def log(msg: str) -> None:
@@ -322,7 +323,7 @@ class NodeDaemon(node_pb2_grpc.NodeServicer):
                                 next_stage_address=req.next_stage_address, listen_host=self.config.host,
                                 codec=req.codec, codec_min_tokens=req.codec_min_tokens, tp_codec=req.tp_codec,
                                 tp_codec_min_elements=req.tp_codec_min_elements, data_key=req.data_key,
-                                tls_dir=self.config.tls_dir, **source)
+                                tls_dir=self.config.tls_dir, shared_memory=self.config.shared_memory, **source)
             if standby is not None:  # torch already imported there: about 1.5 s sooner on CPU
                 control.send(("start", spec))
                 procs.append(proc)

@@ -34,6 +34,7 @@ from engine.sampling import SamplingParams, sample
 from engine.stage import StageModel, parse_dtype
 from engine.transfer import to_device, tokens_to_host
 from node.link import CodecCost, LinkPolicy, TrafficCounters, measure_cost, measure_link, parse_link_codec
+from node.peer_ring import MAX_RING_ROWS, RING_SLOTS, ReceivedRings, RingLink, SharedRing, device_id, host_id
 from node.wire import (
     WireError,
     decode_from_proto,
@@ -42,7 +43,7 @@ from node.wire import (
     tensor_from_proto,
     tensor_to_proto,
 )
-from tensorfleet.v1 import node_pb2, node_pb2_grpc
+from tensorfleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 OP_STEP, OP_STOP = 1, 2
 MAX_OLD_KEYS = 8
@@ -86,6 +87,7 @@ class ExecutorSpec:
     tp_codec_min_elements: int = 0  # all-reduces of fewer elements stay exact (0: the default)
     data_key: str = ""  # the epoch's data key: Stage calls must carry it, and calls downstream do
     tls_dir: str | None = None  # the cluster's certificates: the Stage service and calls downstream use TLS
+    shared_memory: bool = True  # offer (and accept) step rings with stages on this machine: node/peer_ring.py
 
 
 class StageRunner:
@@ -186,8 +188,16 @@ class StageServicer(node_pb2_grpc.StageServicer):
         # stage, its tokens still on the device (so the next step starts without waiting for the host).
         self.recent: OrderedDict[int, futures.Future] = OrderedDict()
         self.recent_device: OrderedDict[int, tuple[dict[int, int], torch.Tensor]] = OrderedDict()
-        # The last stage hands each step's tokens to the host here, in order, while the next step computes.
+        # The last stage hands each step's tokens to the host here, in order, while the next step computes
+        # (and a stage whose next stage answers in a shared ring reads the tokens there).
         self.finisher = futures.ThreadPoolExecutor(1, thread_name_prefix="step-finisher")
+        # Shared memory with stages on this machine (node/peer_ring.py): the rings upstream stages set up
+        # here, and the one to the next stage; on stage 0, each recent step it sent there as
+        # (rows {slot: index}, ring slot, future of the token slot the answer named or None).
+        self.rings = ReceivedRings(runner.stage.device, is_last=self.is_last)
+        self.link: RingLink | None = None
+        self.shared_steps: OrderedDict[int, tuple[dict[int, int], RingLink, node_pb2.SharedSlot, futures.Future]]
+        self.shared_steps = OrderedDict()
 
     def configure(self, epoch: int, next_address: str, data_key: str) -> None:
         """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused,
@@ -197,14 +207,19 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 self.old_keys = [self.data_key, *self.old_keys][:MAX_OLD_KEYS]
                 self.data_key = data_key
             old, self.downstream = self.downstream, None
+            old_link, self.link = self.link, None
             if next_address != self.next_address:
                 self.policy.forget_link()
             self.epoch, self.next_address = epoch, next_address
             self.history.clear()
             self.recent.clear()
             self.recent_device.clear()
+            self.shared_steps.clear()
+            self.rings.clear()
         if old is not None:
             old.close()  # its steps in flight fail; their epoch is gone anyway
+        if old_link is not None:
+            old_link.close()
 
     def Forward(self, request_iterator, context):  # noqa: ANN001, ANN201, N802 - gRPC API
         """Steps may arrive while earlier ones are still downstream (micro-batches in flight): a reader
@@ -270,9 +285,15 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if min(lengths) < 1 or max(slots) >= self.spec.num_slots:
             raise ValueError(f"bad step: lengths {lengths}, slots {slots} of {self.spec.num_slots}")
         ahead = any(s.after_step for s in seqs)
+        first = self.runner.stage.is_first
         params = self._params(seqs) if self.is_last or ahead else None
-        if ahead and (not self.runner.stage.is_first or any(s.after_step and s.token_ids for s in seqs)):
-            raise ValueError("a row sent ahead (after_step) must reach stage 0 without token ids")
+        if any(s.after_step and s.token_ids for s in seqs):
+            raise ValueError("a row sent ahead (after_step) comes without token ids")
+        # Stage 0 passes a row sent ahead on without its token (that stays on the device) only where no
+        # stage needs the token on the host.
+        if ahead and not first and self.is_last and _needs_history(params):
+            raise ValueError("a row sent ahead (after_step) reached the last stage without the token its "
+                             "repetition penalty needs")
         # Checked here, not left to torch: an id outside the vocabulary failed the embedding with an
         # IndexError, and a prefill past the KV cache's length a RuntimeError (both escaped as UNKNOWN and
         # ended the stream), while a decode past it went through unchecked.
@@ -282,9 +303,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         if max(s.start + n for s, n in zip(seqs, lengths, strict=True)) > capacity:
             raise ValueError(f"a sequence goes past the KV cache's {capacity} positions: starts {starts}, "
                              f"lengths {lengths}")
-        if ahead:
+        if ahead and first:
             x = self._ahead_tokens(seqs, params)
-        elif self.runner.stage.is_first:
+        elif first:
             x = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)  # packed [N]
         else:
             x = self._hidden(msg, sum(lengths))
@@ -293,8 +314,11 @@ class StageServicer(node_pb2_grpc.StageServicer):
         out = self.runner.run(slots, starts, lengths, x)
         if not self.is_last:
             down = node_pb2.StepMessage(epoch=msg.epoch, step_id=msg.step_id, sequences=seqs)
-            codec, raw, wire = pack_hidden(down, out, self.policy.choose(out.shape[0]), key=self.spec.end)
-            stream = self._downstream()
+            stream, link = self._downstream()
+            codec = self.policy.choose(out.shape[0])
+            if link is not None and codec is None and link.fits(out.shape[0]):
+                return self._send_shared(msg, stream, link, down, out)
+            codec, raw, wire = pack_hidden(down, out, codec, key=self.spec.end)
             # The stream's own address: a re-placement between here and there changes next_address.
             self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
             sent = stream.submit(down)
@@ -303,6 +327,10 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 sent.add_done_callback(lambda f: _pass_tokens(f, sampled))
             return sent
         tokens = self._sample(seqs, params, lengths, out)  # on the stage's device
+        if msg.HasField("shared_hidden") and self.rings.has_tokens(msg.shared_hidden):
+            # The stage that set up the ring reads them there; this host does not wait for the device.
+            result.shared_tokens.CopyFrom(self.rings.put_tokens(msg.shared_hidden, tokens))
+            return result
         sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
         if sampled is not None and tokens.device.type == "cuda":
             self.recent_device[msg.step_id] = ({s: i for i, s in enumerate(slots)}, tokens)
@@ -324,6 +352,88 @@ class StageServicer(node_pb2_grpc.StageServicer):
             # ahead any moment, which it launches before these tokens reach the host.
             return finish()
         return self.finisher.submit(finish)  # the next step starts meanwhile
+
+    def _send_shared(self, msg: node_pb2.StepMessage, stream, link: RingLink, down: node_pb2.StepMessage,  # noqa: ANN001
+                     out: torch.Tensor) -> futures.Future:
+        """Send a step whose hidden states ``out`` go through the ring to the next stage (the message
+        leaves before the device has computed them). The future resolves to the step's result with the
+        tokens on the host, wherever the last stage left them."""
+        slot = link.send(msg.step_id, out)
+        down.shared_hidden.CopyFrom(slot)
+        self.traffic.add(stream.address, "shared", raw_bytes=out.numel() * out.element_size(), wire_bytes=0)
+        sent = stream.submit(down)
+        sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
+        answered: futures.Future = futures.Future()  # the token slot (SharedSlot) the answer names, or None
+        if sampled is not None:
+            self.shared_steps[msg.step_id] = ({s.slot: i for i, s in enumerate(msg.sequences)}, link, slot, answered)
+            while len(self.shared_steps) > RECENT_STEPS:
+                self.shared_steps.popitem(last=False)
+        final: futures.Future = futures.Future()
+        sent.add_done_callback(lambda f: self._shared_answer(f, link, slot, msg.sequences, answered, sampled, final))
+        return final
+
+    def _shared_answer(self, sent: futures.Future, link: RingLink, slot: node_pb2.SharedSlot, seqs,  # noqa: ANN001
+                       answered: futures.Future, sampled: futures.Future | None, final: futures.Future) -> None:
+        """The next stage's answer to a step sent through the ring (on the stream's receiver thread)."""
+        try:
+            result = sent.result()
+            if result.HasField("shared_tokens"):
+                link.check_answer(slot, result.shared_tokens, len(seqs))
+        except Exception as e:  # noqa: BLE001 - the step, and the rows that follow it, fail with it
+            link.release(slot.index)
+            answered.set_result(None)
+            if sampled is not None:
+                sampled.set_exception(e)
+            final.set_exception(e)
+            return
+        if not result.HasField("shared_tokens"):  # on the host already (or an error)
+            link.release(slot.index)
+            answered.set_result(None)
+            if sampled is not None:
+                _pass_tokens(sent, sampled)
+            final.set_result(result)
+            return
+        answer = result.shared_tokens
+        answered.set_result(answer)  # a row sent ahead of this step can start on the device now
+
+        def home() -> None:
+            try:
+                ids = link.host_tokens(answer.index, answer.rows)
+                result.ClearField("shared_tokens")
+                result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
+                                     for s, t in zip(seqs, ids, strict=True))
+            except Exception as e:  # noqa: BLE001 - the step fails with it (and the rows that follow)
+                if sampled is not None:
+                    sampled.set_exception(e)
+                final.set_exception(e)
+                return
+            finally:
+                link.release(slot.index)  # every stage after this one is done with the slot
+            if sampled is not None:
+                sampled.set_result({s.slot: t for s, t in zip(seqs, ids, strict=True)})
+            final.set_result(result)
+
+        self.finisher.submit(home)
+
+    def _device_pools(self, followed: list[int]) -> dict[int, tuple[dict[int, int], torch.Tensor]] | None:
+        """Each followed step's ({slot: row}, tokens on this device) for a gather on the device, or None
+        where some step's tokens are on the host only: this stage sampled them (stage 0 is also the last
+        stage) or the last stage left them in the ring (waits for its answer)."""
+        pools = {}
+        for step_id in followed:
+            entry = self.recent_device.get(step_id)
+            if entry is None and step_id in self.shared_steps:
+                rows, link, _slot, answered = self.shared_steps[step_id]
+                try:
+                    answer = answered.result(timeout=AHEAD_WAIT_S)
+                except futures.TimeoutError as e:
+                    raise ValueError(f"the step this one follows ({step_id}) has not come back") from e
+                tokens = None if answer is None else link.device_tokens(answer.index, answer.rows, step_id)
+                entry = None if tokens is None else (rows, tokens)
+            if entry is None:
+                return None
+            pools[step_id] = entry
+        return pools
 
     def _remember(self, step_id: int) -> futures.Future:
         """The future of step ``step_id``'s {slot: token}, for rows sent ahead of it."""
@@ -352,22 +462,20 @@ class StageServicer(node_pb2_grpc.StageServicer):
         each row waits for its step's tokens (on stage 0 before the last: that step's result passing back)
         and gets them written into its token_ids, for the stages after this one."""
         device = self.runner.stage.device
-        params_need_history = any(p.repetition_penalty != 1.0 for p in params)
-        on_device = (self.is_last and not params_need_history
-                     and all(s.after_step in self.recent_device for s in seqs if s.after_step))
-        if on_device:
+        followed = list(dict.fromkeys(s.after_step for s in seqs if s.after_step))
+        pools = None if _needs_history(params) else self._device_pools(followed)
+        if pools is not None:
             # One gather from [known ids..., each followed step's tokens...]: its index and the known ids
             # reach the device in one copy that does not wait for the step in flight.
             known = [t for s in seqs if not s.after_step for t in s.token_ids]
-            followed = list(dict.fromkeys(s.after_step for s in seqs if s.after_step))
             base, offset = {}, len(known)
             for step_id in followed:
                 base[step_id] = offset
-                offset += self.recent_device[step_id][1].shape[0]
+                offset += pools[step_id][1].shape[0]
             index, k = [], 0
             for s in seqs:
                 if s.after_step:
-                    rows = self.recent_device[s.after_step][0]
+                    rows = pools[s.after_step][0]
                     if s.slot not in rows:
                         raise ValueError(f"slot {s.slot} was not in step {s.after_step}, which it follows")
                     index.append(base[s.after_step] + rows[s.slot])
@@ -375,7 +483,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
                     index.extend(range(k, k + len(s.token_ids)))
                     k += len(s.token_ids)
             host = to_device(known + index, device)
-            pool = torch.cat([host[:len(known)], *(self.recent_device[i][1] for i in followed)])
+            pool = torch.cat([host[:len(known)], *(pools[i][1] for i in followed)])
             return pool[host[len(known):]]
         for s in seqs:
             if not s.after_step:
@@ -396,7 +504,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
     def _hidden(self, msg: node_pb2.StepMessage, num_tokens: int) -> torch.Tensor:
         """The step's incoming hidden states [num_tokens, hidden], plain or compressed, validated."""
         device = self.runner.stage.device  # decode where the stage computes: a GPU decodes in microseconds
-        if msg.HasField("encoded_hidden"):
+        if msg.HasField("shared_hidden"):
+            x = self.rings.hidden(msg.shared_hidden)  # the stream waits for the upstream stage's write
+        elif msg.HasField("encoded_hidden"):
             x = decode_from_proto(msg.encoded_hidden, device=device)
         elif msg.HasField("hidden"):
             x = tensor_from_proto(msg.hidden, device=device)
@@ -414,14 +524,20 @@ class StageServicer(node_pb2_grpc.StageServicer):
             if s.start == 0:
                 hist.clear()
             hist.extend(s.token_ids)
-        need_history = any(p.repetition_penalty != 1.0 for p in params)
         return sample(logits, params, [s.seed for s in seqs], [s.start + n for s, n in zip(seqs, lengths, strict=True)],
-                      [self.history[s.slot] for s in seqs] if need_history else None)
+                      [self.history[s.slot] for s in seqs] if _needs_history(params) else None)
 
     def Probe(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC API
         return node_pb2.ProbeResponse(received_bytes=len(request.payload))
 
-    def _downstream(self):  # noqa: ANN202
+    def Share(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC API
+        if request.epoch.value != self.epoch:
+            return node_pb2.ShareResponse(reason=f"the stage serves epoch {self.epoch}, not {request.epoch.value}")
+        if not self.spec.shared_memory:
+            return node_pb2.ShareResponse(reason="shared memory is off on this node (--no-shared-memory)")
+        return self.rings.accept(request, hidden_size=self.runner.cfg.hidden_size)
+
+    def _downstream(self):  # noqa: ANN202 - (StageStream, RingLink | None)
         with self.route_lock:
             if self.downstream is None:
                 from node.stream import StageStream
@@ -430,7 +546,39 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 if self.policy.mode.mode == "auto":
                     threading.Thread(target=self._measure_link, args=(self.next_address, self.data_key),
                                      name="link-probe", daemon=True).start()
-            return self.downstream
+                if self.spec.shared_memory:
+                    self.link = self._offer_ring(self.downstream)
+            return self.downstream, self.link
+
+    def _offer_ring(self, stream) -> RingLink | None:  # noqa: ANN001 - node.stream.StageStream
+        """Set up a ring to the next stage where it shares this machine (and GPU); None otherwise."""
+        import random
+
+        import grpc
+
+        stage, name = self.runner.stage, f"stage {self.spec.start}-{self.spec.end - 1}"
+        shape = (RING_SLOTS, min(self.spec.num_slots, MAX_RING_ROWS), self.runner.cfg.hidden_size)
+        try:
+            hidden = SharedRing.allocate(shape, stage.dtype, stage.device)
+        except (OSError, RuntimeError) as e:
+            log_line("executor", f"{name}: no shared memory for a ring to {stream.address}: {e}")
+            return None
+        tokens, ring_id = None, random.getrandbits(63)
+        try:
+            answer = stream.share(node_pb2.ShareRequest(
+                epoch=common_pb2.PlacementEpoch(value=self.epoch), ring_id=ring_id, host_id=host_id(),
+                device_id=device_id(stage.device), hidden=hidden.export()))
+            if answer.accepted and answer.HasField("tokens"):
+                tokens = SharedRing.open(answer.tokens, stage.device)
+        except (grpc.RpcError, WireError, OSError, RuntimeError) as e:
+            answer = node_pb2.ShareResponse(reason=str(e))
+        if not answer.accepted:
+            hidden.close()
+            log_line("executor", f"{name} -> {stream.address}: hidden states as bytes ({answer.reason})")
+            return None
+        log_line("executor", f"{name} -> {stream.address}: steps of up to {shape[1]} tokens through shared memory"
+                             f"{' (tokens back the same way)' if tokens is not None else ''}")
+        return RingLink(ring_id, hidden, tokens)
 
     def _measure_link(self, address: str, data_key: str) -> None:
         """Measure the link to ``address`` (and once, the codec's cost) for the auto policy; messages go
@@ -449,6 +597,11 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 return  # re-placed meanwhile; the new route measures its own link
             self.policy.measured(link, self._cost)
         log_line("executor", f"{name} -> {address}: {self.policy.describe()}")
+
+
+def _needs_history(params: list[SamplingParams]) -> bool:
+    """Whether sampling these rows needs each slot's earlier tokens on the host (repetition penalty)."""
+    return any(p.repetition_penalty != 1.0 for p in params)
 
 
 def _pass_tokens(downstream: futures.Future, sampled: futures.Future) -> None:

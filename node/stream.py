@@ -58,9 +58,10 @@ class StageStream:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = open_channel(address, tls_dir, options=CHANNEL_OPTIONS)
+        self._metadata = bearer(secret)
         self._requests: queue.Queue = queue.Queue()
-        self._responses = node_pb2_grpc.StageStub(self._channel).Forward(iter(self._requests.get, _CLOSE),
-                                                                         metadata=bearer(secret))
+        self._stub = node_pb2_grpc.StageStub(self._channel)
+        self._responses = self._stub.Forward(iter(self._requests.get, _CLOSE), metadata=self._metadata)
         self._pending: deque[tuple[int, Future]] = deque()
         self._lock = threading.Lock()
         self._closed: Exception | None = None
@@ -80,6 +81,10 @@ class StageStream:
     def call(self, msg: node_pb2.StepMessage) -> node_pb2.StepResult:
         """Send one step and wait for its result."""
         return self.submit(msg).result(timeout=self.timeout_s)
+
+    def share(self, request: node_pb2.ShareRequest, *, timeout_s: float = 30.0) -> node_pb2.ShareResponse:
+        """Offer the stage a shared ring (Stage.Share) on this stream's channel."""
+        return self._stub.Share(request, metadata=self._metadata, timeout=timeout_s)
 
     def _receive(self) -> None:
         error: Exception = StreamClosed(f"the stage at {self.address} ended the stream")

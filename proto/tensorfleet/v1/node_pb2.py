@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from tensorfleet.v1 import common_pb2 as tensorfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tensorfleet/v1/node.proto\x12\x0etensorfleet.v1\x1a\x1btensorfleet/v1/common.proto\"x\n\x13TensorParallelGroup\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x14\n\x0cstore_prefix\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x03(\t\"2\n\tLocalRank\x12\x14\n\x0c\x64\x65vice_index\x18\x01 \x01(\r\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\"\x94\x04\n\x10LoadStageRequest\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r\x12\x12\n\nnum_stages\x18\x04 \x01(\r\x12*\n\x06layers\x18\x05 \x01(\x0b\x32\x1a.tensorfleet.v1.LayerRange\x12$\n\x05\x64type\x18\x06 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\x32\n\x05group\x18\x07 \x01(\x0b\x32#.tensorfleet.v1.TensorParallelGroup\x12.\n\x0blocal_ranks\x18\x08 \x03(\x0b\x32\x19.tensorfleet.v1.LocalRank\x12\x11\n\tnum_slots\x18\t \x01(\r\x12\x13\n\x0bmax_seq_len\x18\n \x01(\r\x12\x1a\n\x12next_stage_address\x18\x0b \x01(\t\x12\x33\n\rweight_source\x18\x0c \x01(\x0e\x32\x1c.tensorfleet.v1.WeightSource\x12\r\n\x05\x63odec\x18\r \x01(\t\x12\x18\n\x10\x63odec_min_tokens\x18\x0e \x01(\r\x12\x10\n\x08tp_codec\x18\x0f \x01(\t\x12\x1d\n\x15tp_codec_min_elements\x18\x10 \x01(\x04\x12\x10\n\x08\x64\x61ta_key\x18\x11 \x01(\t\"\xb4\x01\n\x11LoadStageResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x15\n\rstage_address\x18\x05 \x01(\t\x12\x15\n\rfetched_bytes\x18\x06 \x01(\x04\"\xa6\x01\n\x0cSequenceStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.tensorfleet.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x12\n\nafter_step\x18\x07 \x01(\x04\"\xdd\x01\n\x0bStepMessage\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12/\n\tsequences\x18\x03 \x03(\x0b\x32\x1c.tensorfleet.v1.SequenceStep\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.tensorfleet.v1.Tensor\x12\x35\n\x0e\x65ncoded_hidden\x18\x05 \x01(\x0b\x32\x1d.tensorfleet.v1.EncodedTensor\"B\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\"\x89\x01\n\nStepResult\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12,\n\x06tokens\x18\x03 \x03(\x0b\x32\x1c.tensorfleet.v1.SampledToken\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\'\n\rProbeResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04*i\n\x0cWeightSource\x12\x1d\n\x19WEIGHT_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17WEIGHT_SOURCE_LOCAL_DIR\x10\x01\x12\x1d\n\x19WEIGHT_SOURCE_COORDINATOR\x10\x02\x32X\n\x04Node\x12P\n\tLoadStage\x12 .tensorfleet.v1.LoadStageRequest\x1a!.tensorfleet.v1.LoadStageResponse2\x95\x01\n\x05Stage\x12\x46\n\x07\x46orward\x12\x1b.tensorfleet.v1.StepMessage\x1a\x1a.tensorfleet.v1.StepResult(\x01\x30\x01\x12\x44\n\x05Probe\x12\x1c.tensorfleet.v1.ProbeRequest\x1a\x1d.tensorfleet.v1.ProbeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tensorfleet/v1/node.proto\x12\x0etensorfleet.v1\x1a\x1btensorfleet/v1/common.proto\"x\n\x13TensorParallelGroup\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x14\n\x0cstore_prefix\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x03(\t\"2\n\tLocalRank\x12\x14\n\x0c\x64\x65vice_index\x18\x01 \x01(\r\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\"\x94\x04\n\x10LoadStageRequest\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r\x12\x12\n\nnum_stages\x18\x04 \x01(\r\x12*\n\x06layers\x18\x05 \x01(\x0b\x32\x1a.tensorfleet.v1.LayerRange\x12$\n\x05\x64type\x18\x06 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\x32\n\x05group\x18\x07 \x01(\x0b\x32#.tensorfleet.v1.TensorParallelGroup\x12.\n\x0blocal_ranks\x18\x08 \x03(\x0b\x32\x19.tensorfleet.v1.LocalRank\x12\x11\n\tnum_slots\x18\t \x01(\r\x12\x13\n\x0bmax_seq_len\x18\n \x01(\r\x12\x1a\n\x12next_stage_address\x18\x0b \x01(\t\x12\x33\n\rweight_source\x18\x0c \x01(\x0e\x32\x1c.tensorfleet.v1.WeightSource\x12\r\n\x05\x63odec\x18\r \x01(\t\x12\x18\n\x10\x63odec_min_tokens\x18\x0e \x01(\r\x12\x10\n\x08tp_codec\x18\x0f \x01(\t\x12\x1d\n\x15tp_codec_min_elements\x18\x10 \x01(\x04\x12\x10\n\x08\x64\x61ta_key\x18\x11 \x01(\t\"\xb4\x01\n\x11LoadStageResponse\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x15\n\rstage_address\x18\x05 \x01(\t\x12\x15\n\rfetched_bytes\x18\x06 \x01(\x04\"\xa6\x01\n\x0cSequenceStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.tensorfleet.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x12\n\nafter_step\x18\x07 \x01(\x04\"\x90\x02\n\x0bStepMessage\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12/\n\tsequences\x18\x03 \x03(\x0b\x32\x1c.tensorfleet.v1.SequenceStep\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.tensorfleet.v1.Tensor\x12\x35\n\x0e\x65ncoded_hidden\x18\x05 \x01(\x0b\x32\x1d.tensorfleet.v1.EncodedTensor\x12\x31\n\rshared_hidden\x18\x06 \x01(\x0b\x32\x1a.tensorfleet.v1.SharedSlot\"B\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\"\xbc\x01\n\nStepResult\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12,\n\x06tokens\x18\x03 \x03(\x0b\x32\x1c.tensorfleet.v1.SampledToken\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x31\n\rshared_tokens\x18\x05 \x01(\x0b\x32\x1a.tensorfleet.v1.SharedSlot\":\n\nSharedSlot\x12\x0f\n\x07ring_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\"\xb0\x02\n\x0cSharedBuffer\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.tensorfleet.v1.DType\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\nipc_handle\x18\x05 \x01(\x0c\x12\x15\n\rstorage_bytes\x18\x06 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x07 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x11\n\tipc_event\x18\n \x01(\x0c\x12\x16\n\x0eipc_event_sync\x18\x0b \x01(\x08\x12\x13\n\x0bslot_events\x18\x0c \x03(\x0c\x12\x14\n\x0c\x63heck_values\x18\r \x03(\x02\"\xa0\x01\n\x0cShareRequest\x12-\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x1e.tensorfleet.v1.PlacementEpoch\x12\x0f\n\x07ring_id\x18\x02 \x01(\x04\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12,\n\x06hidden\x18\x05 \x01(\x0b\x32\x1c.tensorfleet.v1.SharedBuffer\"_\n\rShareResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\x06tokens\x18\x03 \x01(\x0b\x32\x1c.tensorfleet.v1.SharedBuffer\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\'\n\rProbeResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04*i\n\x0cWeightSource\x12\x1d\n\x19WEIGHT_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17WEIGHT_SOURCE_LOCAL_DIR\x10\x01\x12\x1d\n\x19WEIGHT_SOURCE_COORDINATOR\x10\x02\x32X\n\x04Node\x12P\n\tLoadStage\x12 .tensorfleet.v1.LoadStageRequest\x1a!.tensorfleet.v1.LoadStageResponse2\xdb\x01\n\x05Stage\x12\x46\n\x07\x46orward\x12\x1b.tensorfleet.v1.StepMessage\x1a\x1a.tensorfleet.v1.StepResult(\x01\x30\x01\x12\x44\n\x05Probe\x12\x1c.tensorfleet.v1.ProbeRequest\x1a\x1d.tensorfleet.v1.ProbeResponse\x12\x44\n\x05Share\x12\x1c.tensorfleet.v1.ShareRequest\x1a\x1d.tensorfleet.v1.ShareResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorfleet.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEIGHTSOURCE']._serialized_start=1641
-  _globals['_WEIGHTSOURCE']._serialized_end=1746
+  _globals['_WEIGHTSOURCE']._serialized_start=2370
+  _globals['_WEIGHTSOURCE']._serialized_end=2475
   _globals['_TENSORPARALLELGROUP']._serialized_start=74
   _globals['_TENSORPARALLELGROUP']._serialized_end=194
   _globals['_LOCALRANK']._serialized_start=196
@@ -45,17 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEQUENCESTEP']._serialized_start=967
   _globals['_SEQUENCESTEP']._serialized_end=1133
   _globals['_STEPMESSAGE']._serialized_start=1136
-  _globals['_STEPMESSAGE']._serialized_end=1357
-  _globals['_SAMPLEDTOKEN']._serialized_start=1359
-  _globals['_SAMPLEDTOKEN']._serialized_end=1425
-  _globals['_STEPRESULT']._serialized_start=1428
-  _globals['_STEPRESULT']._serialized_end=1565
-  _globals['_PROBEREQUEST']._serialized_start=1567
-  _globals['_PROBEREQUEST']._serialized_end=1598
-  _globals['_PROBERESPONSE']._serialized_start=1600
-  _globals['_PROBERESPONSE']._serialized_end=1639
-  _globals['_NODE']._serialized_start=1748
-  _globals['_NODE']._serialized_end=1836
-  _globals['_STAGE']._serialized_start=1839
-  _globals['_STAGE']._serialized_end=1988
+  _globals['_STEPMESSAGE']._serialized_end=1408
+  _globals['_SAMPLEDTOKEN']._serialized_start=1410
+  _globals['_SAMPLEDTOKEN']._serialized_end=1476
+  _globals['_STEPRESULT']._serialized_start=1479
+  _globals['_STEPRESULT']._serialized_end=1667
+  _globals['_SHAREDSLOT']._serialized_start=1669
+  _globals['_SHAREDSLOT']._serialized_end=1727
+  _globals['_SHAREDBUFFER']._serialized_start=1730
+  _globals['_SHAREDBUFFER']._serialized_end=2034
+  _globals['_SHAREREQUEST']._serialized_start=2037
+  _globals['_SHAREREQUEST']._serialized_end=2197
+  _globals['_SHARERESPONSE']._serialized_start=2199
+  _globals['_SHARERESPONSE']._serialized_end=2294
+  _globals['_PROBEREQUEST']._serialized_start=2296
+  _globals['_PROBEREQUEST']._serialized_end=2327
+  _globals['_PROBERESPONSE']._serialized_start=2329
+  _globals['_PROBERESPONSE']._serialized_end=2368
+  _globals['_NODE']._serialized_start=2477
+  _globals['_NODE']._serialized_end=2565
+  _globals['_STAGE']._serialized_start=2568
+  _globals['_STAGE']._serialized_end=2787
 # @@protoc_insertion_point(module_scope)

@@ -112,18 +112,20 @@ class SequenceStep(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., start: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., after_step: _Optional[int] = ...) -> None: ...
 
 class StepMessage(_message.Message):
-    __slots__ = ("epoch", "step_id", "sequences", "hidden", "encoded_hidden")
+    __slots__ = ("epoch", "step_id", "sequences", "hidden", "encoded_hidden", "shared_hidden")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ENCODED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     hidden: _common_pb2.Tensor
     encoded_hidden: _common_pb2.EncodedTensor
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoded_hidden: _Optional[_Union[_common_pb2.EncodedTensor, _Mapping]] = ...) -> None: ...
+    shared_hidden: SharedSlot
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoded_hidden: _Optional[_Union[_common_pb2.EncodedTensor, _Mapping]] = ..., shared_hidden: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "slot", "token_id")
@@ -136,16 +138,82 @@ class SampledToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("epoch", "step_id", "tokens", "error")
+    __slots__ = ("epoch", "step_id", "tokens", "error", "shared_tokens")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     step_id: int
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
     error: str
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    shared_tokens: SharedSlot
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ..., shared_tokens: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
+
+class SharedSlot(_message.Message):
+    __slots__ = ("ring_id", "index", "rows")
+    RING_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ring_id: int
+    index: int
+    rows: int
+    def __init__(self, ring_id: _Optional[int] = ..., index: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class SharedBuffer(_message.Message):
+    __slots__ = ("kind", "shape", "dtype", "path", "ipc_handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "ipc_event", "ipc_event_sync", "slot_events", "check_values")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_SYNC_FIELD_NUMBER: _ClassVar[int]
+    SLOT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_VALUES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: _common_pb2.DType
+    path: str
+    ipc_handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    ipc_event: bytes
+    ipc_event_sync: bool
+    slot_events: _containers.RepeatedScalarFieldContainer[bytes]
+    check_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., ipc_event: _Optional[bytes] = ..., ipc_event_sync: _Optional[bool] = ..., slot_events: _Optional[_Iterable[bytes]] = ..., check_values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ShareRequest(_message.Message):
+    __slots__ = ("epoch", "ring_id", "host_id", "device_id", "hidden")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RING_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    epoch: _common_pb2.PlacementEpoch
+    ring_id: int
+    host_id: str
+    device_id: str
+    hidden: SharedBuffer
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., ring_id: _Optional[int] = ..., host_id: _Optional[str] = ..., device_id: _Optional[str] = ..., hidden: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
+
+class ShareResponse(_message.Message):
+    __slots__ = ("accepted", "reason", "tokens")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    tokens: SharedBuffer
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., tokens: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("payload",)

@@ -123,6 +123,11 @@ class StageStub:
                 request_serializer=tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.Share = channel.unary_unary(
+                '/tensorfleet.v1.Stage/Share',
+                request_serializer=tensorfleet_dot_v1_dot_node__pb2.ShareRequest.SerializeToString,
+                response_deserializer=tensorfleet_dot_v1_dot_node__pb2.ShareResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -147,6 +152,16 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Share(self, request, context):
+        """An upstream stage on the same machine offers a ring of step buffers in shared memory (CUDA IPC on
+        one GPU, a shared file on CPU): its hidden states then travel by reference (StepMessage.shared_hidden)
+        and, where this is the last stage, the sampled tokens come back the same way. Refused (accepted =
+        false, with the reason) where the buffers cannot be mapped here; the upstream stage then sends bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +174,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.FromString,
                     response_serializer=tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.SerializeToString,
+            ),
+            'Share': grpc.unary_unary_rpc_method_handler(
+                    servicer.Share,
+                    request_deserializer=tensorfleet_dot_v1_dot_node__pb2.ShareRequest.FromString,
+                    response_serializer=tensorfleet_dot_v1_dot_node__pb2.ShareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +237,33 @@ class Stage:
             '/tensorfleet.v1.Stage/Probe',
             tensorfleet_dot_v1_dot_node__pb2.ProbeRequest.SerializeToString,
             tensorfleet_dot_v1_dot_node__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Share(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorfleet.v1.Stage/Share',
+            tensorfleet_dot_v1_dot_node__pb2.ShareRequest.SerializeToString,
+            tensorfleet_dot_v1_dot_node__pb2.ShareResponse.FromString,
             options,
             channel_credentials,
             insecure,
