@@ -56,7 +56,7 @@ def test_the_test_covers_every_rpc() -> None:
     """A new RPC must be added here (and to its service's Guard, which refuses unknown methods)."""
     services = {s.name: [m.name for m in s.methods] for f in (coordinator_pb2, node_pb2)
                 for s in f.DESCRIPTOR.services_by_name.values()}
-    assert services == {"Coordinator": COORDINATOR_RPCS, "Node": ["LoadStage"], "Stage": ["Forward", "Probe"]}
+    assert services == {"Coordinator": COORDINATOR_RPCS, "Node": ["LoadStage"], "Stage": ["Forward", "Probe", "Share"]}
 
 
 def _secrets(cluster: LocalCluster) -> dict[str, str]:
@@ -116,7 +116,13 @@ def test_stage_service_needs_this_epochs_data_key(cluster: LocalCluster, status)
                 with pytest.raises(grpc.RpcError) as e:
                     list(stub.Forward(iter([step]), metadata=bearer(secret), timeout=10))
                 assert e.value.code() in REFUSED, (secret, e.value.details())
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Share(node_pb2.ShareRequest(epoch=status.epoch), metadata=bearer(secret), timeout=10)
+                assert e.value.code() in REFUSED, (secret, e.value.details())
             assert stub.Probe(probe, metadata=bearer(key), timeout=10).received_bytes == 100
+            # Past the guard, an offer from no machine is answered with a refusal, not an error.
+            share = stub.Share(node_pb2.ShareRequest(epoch=status.epoch), metadata=bearer(key), timeout=10)
+            assert not share.accepted and "another machine" in share.reason
 
 
 def test_health_stays_open_everywhere(cluster: LocalCluster, status) -> None:  # noqa: ANN001
