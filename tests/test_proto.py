@@ -17,7 +17,7 @@ def test_stubs_import_and_define_the_services() -> None:
         "FetchWeights",
     }
     assert set(node_pb2.DESCRIPTOR.services_by_name["Node"].methods_by_name) == {"LoadStage"}
-    assert set(node_pb2.DESCRIPTOR.services_by_name["Stage"].methods_by_name) == {"Forward", "Probe"}
+    assert set(node_pb2.DESCRIPTOR.services_by_name["Stage"].methods_by_name) == {"Forward", "Probe", "Share"}
     for cls in (
         coordinator_pb2_grpc.CoordinatorStub,
         coordinator_pb2_grpc.CoordinatorServicer,

@@ -152,8 +152,8 @@ def test_a_step_naming_a_slot_outside_the_ring_is_refused() -> None:
     ring = SharedRing.allocate((2, 2, HIDDEN), torch.float32, torch.device("cpu"))
     rings = ReceivedRings(torch.device("cpu"), is_last=True)
     try:
-        answer = rings.accept(node_pb2.ShareRequest(ring_id=5, host_id=host_id(), device_id="cpu", hidden=ring.export()),
-                              hidden_size=HIDDEN)
+        offer = node_pb2.ShareRequest(ring_id=5, host_id=host_id(), device_id="cpu", hidden=ring.export())
+        answer = rings.accept(offer, hidden_size=HIDDEN)
         assert answer.accepted and answer.HasField("tokens")
         for bad in (node_pb2.SharedSlot(ring_id=6, index=0, rows=1), node_pb2.SharedSlot(ring_id=5, index=2, rows=1),
                     node_pb2.SharedSlot(ring_id=5, index=0, rows=3), node_pb2.SharedSlot(ring_id=5, index=0, rows=0)):

@@ -28,7 +28,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 phases=[Phase.explicit, Phase.generate, Phase.shrink],
                 suppress_health_check=list(HealthCheck), print_blob=True)
 RPCS = ["Generate", "Status", "Join", "Heartbeat", "Leave", "GetManifest", "FetchWeights", "LoadStage", "Forward",
-        "Probe"]
+        "Probe", "Share"]
 
 
 @pytest.fixture(scope="module")
