@@ -22,6 +22,7 @@ A slot is reused only after its step's result reached the host of the stage that
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -70,9 +71,7 @@ class SharedRing:
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> SharedRing:
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if device.type == "cuda":
             buffer = torch.empty(shape, dtype=dtype, device=device)
             events = [torch.cuda.Event(interprocess=True) for _ in range(shape[0])]
@@ -114,9 +113,7 @@ class SharedRing:
         if (len(shape) < 2 or not 0 < shape[0] <= 4 * RING_SLOTS or not 0 < shape[1] <= MAX_RING_ROWS
                 or any(d <= 0 for d in shape)):
             raise WireError(f"a shared buffer of shape {list(shape)}")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if msg.kind == "file" and device.type == "cpu":
             path = msg.path
             if os.path.dirname(path) != _shm_dir() or not os.path.basename(path).startswith("tensorfleet-ring-"):
