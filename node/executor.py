@@ -192,12 +192,9 @@ class StageServicer(node_pb2_grpc.StageServicer):
         # (and a stage whose next stage answers in a shared ring reads the tokens there).
         self.finisher = futures.ThreadPoolExecutor(1, thread_name_prefix="step-finisher")
         # Shared memory with stages on this machine (node/peer_ring.py): the rings upstream stages set up
-        # here, and the one to the next stage; on stage 0, each recent step it sent there as
-        # (rows {slot: index}, ring slot, future of the token slot the answer named or None).
+        # here, and the one to the next stage.
         self.rings = ReceivedRings(runner.stage.device, is_last=self.is_last)
         self.link: RingLink | None = None
-        self.shared_steps: OrderedDict[int, tuple[dict[int, int], RingLink, node_pb2.SharedSlot, futures.Future]]
-        self.shared_steps = OrderedDict()
 
     def configure(self, epoch: int, next_address: str, data_key: str) -> None:
         """Serve ``epoch`` from now on, forwarding to ``next_address``; steps of older epochs are refused,
@@ -214,7 +211,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
             self.history.clear()
             self.recent.clear()
             self.recent_device.clear()
-            self.shared_steps.clear()
             self.rings.clear()
         if old is not None:
             old.close()  # its steps in flight fail; their epoch is gone anyway
@@ -317,12 +313,14 @@ class StageServicer(node_pb2_grpc.StageServicer):
             stream, link = self._downstream()
             codec = self.policy.choose(out.shape[0])
             if link is not None and codec is None and link.fits(out.shape[0]):
-                return self._send_shared(msg, stream, link, down, out)
-            codec, raw, wire = pack_hidden(down, out, codec, key=self.spec.end)
-            # The stream's own address: a re-placement between here and there changes next_address.
-            self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
-            sent = stream.submit(down)
-            if self.runner.stage.is_first:  # rows sent ahead of this step wait for its tokens
+                # The stream's own address: a re-placement between here and there changes next_address.
+                self.traffic.add(stream.address, "shared", raw_bytes=out.numel() * out.element_size(), wire_bytes=0)
+                sent = link.forward(stream, down, out, keep=first)
+            else:
+                codec, raw, wire = pack_hidden(down, out, codec, key=self.spec.end)
+                self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
+                sent = stream.submit(down)
+            if first:  # rows sent ahead of this step wait for its tokens
                 sampled = self._remember(msg.step_id)
                 sent.add_done_callback(lambda f: _pass_tokens(f, sampled))
             return sent
@@ -331,7 +329,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
             # The stage that set up the ring reads them there; this host does not wait for the device.
             result.shared_tokens.CopyFrom(self.rings.put_tokens(msg.shared_hidden, tokens))
             return result
-        sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
+        sampled = self._remember(msg.step_id) if first else None
         if sampled is not None and tokens.device.type == "cuda":
             self.recent_device[msg.step_id] = ({s: i for i, s in enumerate(slots)}, tokens)
             while len(self.recent_device) > RECENT_STEPS:
@@ -353,68 +351,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
             return finish()
         return self.finisher.submit(finish)  # the next step starts meanwhile
 
-    def _send_shared(self, msg: node_pb2.StepMessage, stream, link: RingLink, down: node_pb2.StepMessage,  # noqa: ANN001
-                     out: torch.Tensor) -> futures.Future:
-        """Send a step whose hidden states ``out`` go through the ring to the next stage (the message
-        leaves before the device has computed them). The future resolves to the step's result with the
-        tokens on the host, wherever the last stage left them."""
-        slot = link.send(msg.step_id, out)
-        down.shared_hidden.CopyFrom(slot)
-        self.traffic.add(stream.address, "shared", raw_bytes=out.numel() * out.element_size(), wire_bytes=0)
-        sent = stream.submit(down)
-        sampled = self._remember(msg.step_id) if self.runner.stage.is_first else None
-        answered: futures.Future = futures.Future()  # the token slot (SharedSlot) the answer names, or None
-        if sampled is not None:
-            self.shared_steps[msg.step_id] = ({s.slot: i for i, s in enumerate(msg.sequences)}, link, slot, answered)
-            while len(self.shared_steps) > RECENT_STEPS:
-                self.shared_steps.popitem(last=False)
-        final: futures.Future = futures.Future()
-        sent.add_done_callback(lambda f: self._shared_answer(f, link, slot, msg.sequences, answered, sampled, final))
-        return final
-
-    def _shared_answer(self, sent: futures.Future, link: RingLink, slot: node_pb2.SharedSlot, seqs,  # noqa: ANN001
-                       answered: futures.Future, sampled: futures.Future | None, final: futures.Future) -> None:
-        """The next stage's answer to a step sent through the ring (on the stream's receiver thread)."""
-        try:
-            result = sent.result()
-            if result.HasField("shared_tokens"):
-                link.check_answer(slot, result.shared_tokens, len(seqs))
-        except Exception as e:  # noqa: BLE001 - the step, and the rows that follow it, fail with it
-            link.release(slot.index)
-            answered.set_result(None)
-            if sampled is not None:
-                sampled.set_exception(e)
-            final.set_exception(e)
-            return
-        if not result.HasField("shared_tokens"):  # on the host already (or an error)
-            link.release(slot.index)
-            answered.set_result(None)
-            if sampled is not None:
-                _pass_tokens(sent, sampled)
-            final.set_result(result)
-            return
-        answer = result.shared_tokens
-        answered.set_result(answer)  # a row sent ahead of this step can start on the device now
-
-        def home() -> None:
-            try:
-                ids = link.host_tokens(answer.index, answer.rows)
-                result.ClearField("shared_tokens")
-                result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
-                                     for s, t in zip(seqs, ids, strict=True))
-            except Exception as e:  # noqa: BLE001 - the step fails with it (and the rows that follow)
-                if sampled is not None:
-                    sampled.set_exception(e)
-                final.set_exception(e)
-                return
-            finally:
-                link.release(slot.index)  # every stage after this one is done with the slot
-            if sampled is not None:
-                sampled.set_result({s.slot: t for s, t in zip(seqs, ids, strict=True)})
-            final.set_result(result)
-
-        self.finisher.submit(home)
-
     def _device_pools(self, followed: list[int]) -> dict[int, tuple[dict[int, int], torch.Tensor]] | None:
         """Each followed step's ({slot: row}, tokens on this device) for a gather on the device, or None
         where some step's tokens are on the host only: this stage sampled them (stage 0 is also the last
@@ -422,14 +358,8 @@ class StageServicer(node_pb2_grpc.StageServicer):
         pools = {}
         for step_id in followed:
             entry = self.recent_device.get(step_id)
-            if entry is None and step_id in self.shared_steps:
-                rows, link, _slot, answered = self.shared_steps[step_id]
-                try:
-                    answer = answered.result(timeout=AHEAD_WAIT_S)
-                except futures.TimeoutError as e:
-                    raise ValueError(f"the step this one follows ({step_id}) has not come back") from e
-                tokens = None if answer is None else link.device_tokens(answer.index, answer.rows, step_id)
-                entry = None if tokens is None else (rows, tokens)
+            if entry is None and self.link is not None:
+                entry = self.link.device_tokens(step_id, AHEAD_WAIT_S)
             if entry is None:
                 return None
             pools[step_id] = entry
@@ -578,7 +508,7 @@ class StageServicer(node_pb2_grpc.StageServicer):
             return None
         log_line("executor", f"{name} -> {stream.address}: steps of up to {shape[1]} tokens through shared memory"
                              f"{' (tokens back the same way)' if tokens is not None else ''}")
-        return RingLink(ring_id, hidden, tokens)
+        return RingLink(ring_id, hidden, tokens, finisher=self.finisher)
 
     def _measure_link(self, address: str, data_key: str) -> None:
         """Measure the link to ``address`` (and once, the codec's cost) for the auto policy; messages go

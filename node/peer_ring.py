@@ -28,6 +28,8 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
+from concurrent import futures
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ from tensorfleet.v1 import node_pb2
 RING_SLOTS = 16  # steps in flight on one link, at most (lookahead x micro-batches stays well below)
 MAX_RING_ROWS = 256  # tokens of one step; longer steps (prefill chunks) go as bytes
 RING_WAIT_S = 600.0  # a claim waits this long for the step that held the slot
+KEPT_STEPS = 64  # recent steps whose tokens rows sent ahead may take on the device
 _CHECK = (3.0, 5.0, 7.0, 11.0)  # written into slot 0 by the owner, read back by the other side
 
 
@@ -159,11 +162,16 @@ class SharedRing:
 
 
 class RingLink:
-    """The upstream end of a ring: claims slots for steps, writes their hidden states, and reads the
-    tokens the last stage left in its token ring (``tokens`` is None when the next stage is not last)."""
+    """The upstream end of a ring: sends steps through it and reads the tokens the last stage left in
+    its token ring (``tokens`` is None when the next stage is not the last).
 
-    def __init__(self, ring_id: int, hidden: SharedRing, tokens: SharedRing | None) -> None:
-        self.ring_id, self.hidden, self.tokens = ring_id, hidden, tokens
+    ``forward`` is the step path; ``send``, ``check_answer``, ``slot_tokens``, ``host_tokens`` and
+    ``release`` are its parts. The stage's ``finisher`` (one thread, in step order) brings each step's
+    tokens to the host."""
+
+    def __init__(self, ring_id: int, hidden: SharedRing, tokens: SharedRing | None, *,
+                 finisher: futures.Executor | None = None) -> None:
+        self.ring_id, self.hidden, self.tokens, self.finisher = ring_id, hidden, tokens, finisher
         self.slots, self.rows = hidden.slots, hidden.rows
         device = hidden.buffer.device
         self._free = [threading.Event() for _ in range(self.slots)]
@@ -171,6 +179,9 @@ class RingLink:
             e.set()
         self._owner = [0] * self.slots  # the step that holds each slot
         self._next = 0
+        # Steps kept for rows sent ahead of them: step id -> ({KV slot: row}, future of the token slot the
+        # next stage's answer named, or None where the tokens came back on the host).
+        self._kept: OrderedDict[int, tuple[dict[int, int], futures.Future]] = OrderedDict()
         self._cuda = device.type == "cuda"
         if self._cuda and tokens is not None:
             self._copy_stream = torch.cuda.Stream(device)
@@ -179,6 +190,78 @@ class RingLink:
     def fits(self, rows: int) -> bool:
         return rows <= self.rows
 
+    # ------------------------------------------------------------------------------ the step path
+    def forward(self, stream, down: node_pb2.StepMessage, out: torch.Tensor, *, keep: bool) -> futures.Future:  # noqa: ANN001
+        """Send step ``down`` on ``stream`` (node/stream.py) with its hidden states ``out`` [rows, hidden]
+        in the ring: the message leaves before the device has computed them. The future resolves to the
+        step's StepResult with the tokens on the host, wherever the last stage left them. With ``keep``,
+        ``device_tokens`` serves the rows sent ahead of this step."""
+        slot = self.send(down.step_id, out)
+        down.shared_hidden.CopyFrom(slot)
+        sent = stream.submit(down)
+        answered: futures.Future = futures.Future()
+        if keep:
+            self._kept[down.step_id] = ({s.slot: i for i, s in enumerate(down.sequences)}, answered)
+            while len(self._kept) > KEPT_STEPS:
+                self._kept.popitem(last=False)
+        final: futures.Future = futures.Future()
+        sent.add_done_callback(lambda f: self._answered(f, slot, down.sequences, answered, final))
+        return final
+
+    def device_tokens(self, step_id: int, timeout_s: float) -> tuple[dict[int, int], torch.Tensor] | None:
+        """Kept step ``step_id``'s ({KV slot: row}, tokens [rows]) for work queued next on the current
+        stream, which waits for them on the device; None where they are on the host only (or the step is
+        not kept). Waits up to ``timeout_s`` for the next stage to answer (ValueError after)."""
+        entry = self._kept.get(step_id)
+        if entry is None:
+            return None
+        rows, answered = entry
+        try:
+            answer = answered.result(timeout=timeout_s)
+        except futures.TimeoutError as e:
+            raise ValueError(f"the step this one follows ({step_id}) has not come back") from e
+        tokens = None if answer is None else self.slot_tokens(answer.index, answer.rows, step_id)
+        return None if tokens is None else (rows, tokens)
+
+    def _answered(self, sent: futures.Future, slot: node_pb2.SharedSlot, seqs, answered: futures.Future,  # noqa: ANN001
+                  final: futures.Future) -> None:
+        """The next stage's answer to a step sent through the ring (on the stream's receiver thread)."""
+        try:
+            result = sent.result()
+            if result.HasField("shared_tokens"):
+                self.check_answer(slot, result.shared_tokens, len(seqs))
+        except Exception as e:  # noqa: BLE001 - the step, and the rows that follow it, fail with it
+            self.release(slot.index)
+            answered.set_result(None)
+            final.set_exception(e)
+            return
+        if not result.HasField("shared_tokens"):  # on the host already (or an error)
+            self.release(slot.index)
+            answered.set_result(None)
+            final.set_result(result)
+            return
+        answer = result.shared_tokens
+        answered.set_result(answer)  # a row sent ahead of this step can start on the device now
+
+        def home() -> None:
+            try:
+                ids = self.host_tokens(answer.index, answer.rows)
+            except Exception as e:  # noqa: BLE001 - the step fails with it (and the rows that follow)
+                final.set_exception(e)
+                return
+            finally:
+                self.release(slot.index)  # every stage after this one is done with the slot
+            result.ClearField("shared_tokens")
+            result.tokens.extend(node_pb2.SampledToken(request_id=s.request_id, slot=s.slot, token_id=t)
+                                 for s, t in zip(seqs, ids, strict=True))
+            final.set_result(result)
+
+        if self.finisher is None:
+            home()
+        else:
+            self.finisher.submit(home)
+
+    # ------------------------------------------------------------------------------------ its parts
     def send(self, step_id: int, out: torch.Tensor) -> node_pb2.SharedSlot:
         """Claim the next slot for step ``step_id`` and write its hidden states ``out`` [rows, hidden]
         there (queued on the current stream, then the slot's event)."""
@@ -203,7 +286,7 @@ class RingLink:
             raise RuntimeError(f"the next stage answered slot {slot.index} of a step of {sequences} sequences "
                                f"with tokens in ring {answer.ring_id} slot {answer.index} ({answer.rows} rows)")
 
-    def device_tokens(self, k: int, rows: int, step_id: int) -> torch.Tensor | None:
+    def slot_tokens(self, k: int, rows: int, step_id: int) -> torch.Tensor | None:
         """The tokens [rows] step ``step_id`` left in slot k, for work queued next on the current stream
         (which waits for them on the device); None when the slot went to a later step meanwhile."""
         if self._owner[k] != step_id or self.tokens is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from concurrent import futures
 
 import pytest
 import torch
@@ -16,24 +17,26 @@ from tensorfleet.v1 import common_pb2, node_pb2
 HIDDEN = 8
 
 
-def _downstream(offer: bytes, device: str, steps: int, out) -> None:  # noqa: ANN001 - a multiprocessing queue
+def _downstream(offer: bytes, device: str, steps: int, conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
     """The next stage's side, in another process: accept the ring, then for each step read the hidden
     states from the slot and answer with tokens = their row sums (as int64) in the token ring."""
     try:
         rings = ReceivedRings(torch.device(device), is_last=True)
         answer = rings.accept(node_pb2.ShareRequest.FromString(offer), hidden_size=HIDDEN)
-        out.put(answer.SerializeToString())
+        conn.send_bytes(answer.SerializeToString())
         for _ in range(steps):
-            slot = node_pb2.SharedSlot.FromString(out_get(out))
+            slot = node_pb2.SharedSlot.FromString(receive(conn))
             x = rings.hidden(slot)
             tokens = x.float().sum(dim=1).round().long()
-            out.put(rings.put_tokens(slot, tokens).SerializeToString())
+            conn.send_bytes(rings.put_tokens(slot, tokens).SerializeToString())
     except BaseException as e:  # noqa: BLE001 - reported to the test
-        out.put(f"error: {e!r}".encode())
+        conn.send_bytes(f"error: {e!r}".encode())
 
 
-def out_get(q) -> bytes:  # noqa: ANN001
-    msg = q.get(timeout=60)
+def receive(conn) -> bytes:  # noqa: ANN001
+    if not conn.poll(60):
+        raise AssertionError("no message from the other process in 60 s")
+    msg = conn.recv_bytes()
     if msg.startswith(b"error:"):
         raise AssertionError(msg.decode())
     return msg
@@ -45,25 +48,24 @@ def run_two_processes(device: str, dtype: torch.dtype) -> None:
     offer = node_pb2.ShareRequest(epoch=common_pb2.PlacementEpoch(value=1), ring_id=7, host_id=host_id(),
                                   device_id=device_id(dev), hidden=hidden.export())
     ctx = mp.get_context("spawn")
-    to_child, from_child = ctx.Queue(), ctx.Queue()
+    conn, child_conn = ctx.Pipe()
     steps = 6  # more than the ring's slots: slots are reused once released
-    # One queue each way is enough: the child reads requests and writes answers on the same one, in turn.
-    child = ctx.Process(target=_downstream_pipe, args=(offer.SerializeToString(), device, steps, to_child, from_child))
+    child = ctx.Process(target=_downstream, args=(offer.SerializeToString(), device, steps, child_conn))
     child.start()
     link = None
     try:
-        answer = node_pb2.ShareResponse.FromString(out_get(from_child))
+        answer = node_pb2.ShareResponse.FromString(receive(conn))
         assert answer.accepted, answer.reason
         link = RingLink(7, hidden, SharedRing.open(answer.tokens, dev))
         for step in range(1, steps + 1):
             rows = 1 + step % 3
             out = torch.arange(rows * HIDDEN, dtype=torch.float32, device=dev).view(rows, HIDDEN).to(dtype) + step
             slot = link.send(step, out)
-            to_child.put(slot.SerializeToString())
-            got = node_pb2.SharedSlot.FromString(out_get(from_child))
+            conn.send_bytes(slot.SerializeToString())
+            got = node_pb2.SharedSlot.FromString(receive(conn))
             link.check_answer(slot, got, rows)
             expected = out.float().sum(dim=1).round().long().tolist()
-            device_tokens = link.device_tokens(got.index, got.rows, step)
+            device_tokens = link.slot_tokens(got.index, got.rows, step)
             assert device_tokens is not None and device_tokens.tolist() == expected
             assert link.host_tokens(got.index, got.rows) == expected
             link.release(slot.index)
@@ -73,17 +75,6 @@ def run_two_processes(device: str, dtype: torch.dtype) -> None:
         if child.is_alive():
             child.kill()
         (link or hidden).close()
-
-
-def _downstream_pipe(offer: bytes, device: str, steps: int, inbox, outbox) -> None:  # noqa: ANN001
-    class Both:
-        def put(self, msg: bytes) -> None:
-            outbox.put(msg)
-
-        def get(self, timeout: float) -> bytes:
-            return inbox.get(timeout=timeout)
-
-    _downstream(offer, device, steps, Both())
 
 
 def test_a_cpu_ring_carries_hidden_states_and_tokens_between_processes() -> None:
@@ -176,6 +167,92 @@ def test_a_slot_is_not_reused_before_its_step_is_released(monkeypatch: pytest.Mo
             link.send(3, torch.zeros(1, HIDDEN))
         link.release(0)
         assert link.send(4, torch.ones(1, HIDDEN)).index == 0
-        assert link.device_tokens(0, 1, 4) is None  # no token ring: the next stage is not the last
+        assert link.slot_tokens(0, 1, 4) is None  # no token ring: the next stage is not the last
     finally:
         link.close()
+
+
+class FakeStream:
+    """Stands in for node/stream.py's StageStream: the test answers each submitted step by hand."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[node_pb2.StepMessage, futures.Future]] = []
+
+    def submit(self, msg: node_pb2.StepMessage) -> futures.Future:
+        done: futures.Future = futures.Future()
+        self.sent.append((msg, done))
+        return done
+
+
+def _linked_pair() -> tuple[RingLink, ReceivedRings]:
+    """A CPU ring between two ends in this process: the link (upstream) and the last stage's rings."""
+    dev = torch.device("cpu")
+    hidden = SharedRing.allocate((4, 3, HIDDEN), torch.float32, dev)
+    rings = ReceivedRings(dev, is_last=True)
+    answer = rings.accept(node_pb2.ShareRequest(ring_id=9, host_id=host_id(), device_id="cpu", hidden=hidden.export()),
+                          hidden_size=HIDDEN)
+    assert answer.accepted, answer.reason
+    return RingLink(9, hidden, SharedRing.open(answer.tokens, dev)), rings
+
+
+def _step(step_id: int, slots: list[int]) -> node_pb2.StepMessage:
+    msg = node_pb2.StepMessage(step_id=step_id)
+    for s in slots:
+        msg.sequences.add(request_id=f"r{s}", slot=s, start=5)
+    return msg
+
+
+def test_forward_brings_the_tokens_home_and_keeps_them_on_the_device_for_rows_sent_ahead() -> None:
+    link, rings = _linked_pair()
+    stream = FakeStream()
+    try:
+        out = torch.randn(2, HIDDEN)
+        final = link.forward(stream, _step(11, [3, 1]), out, keep=True)
+        msg, answered = stream.sent[0]
+        assert torch.equal(rings.hidden(msg.shared_hidden), out)  # the next stage reads it in the ring
+        assert not final.done()
+        result = node_pb2.StepResult(step_id=11)
+        result.shared_tokens.CopyFrom(rings.put_tokens(msg.shared_hidden, torch.tensor([40, 41])))
+        answered.set_result(result)
+        got = final.result(timeout=5)
+        assert [(t.request_id, t.slot, t.token_id) for t in got.tokens] == [("r3", 3, 40), ("r1", 1, 41)]
+        assert not got.HasField("shared_tokens")
+        rows, tokens = link.device_tokens(11, timeout_s=5)
+        assert rows == {3: 0, 1: 1} and tokens.tolist() == [40, 41]
+        assert link.device_tokens(12, timeout_s=5) is None  # a step it never sent
+        for step_id in range(12, 12 + link.slots):  # the slot was released: the ring goes round again
+            link.forward(stream, _step(step_id, [0]), torch.zeros(1, HIDDEN), keep=False)
+            stream.sent[-1][1].set_result(node_pb2.StepResult(step_id=step_id, error="dropped"))
+        assert link.device_tokens(11, timeout_s=5) is None  # its slot went to a later step
+    finally:
+        link.close()
+        rings.clear()
+
+
+def test_forward_passes_errors_and_answers_that_do_not_fit_on() -> None:
+    link, rings = _linked_pair()
+    stream = FakeStream()
+    try:
+        plain = link.forward(stream, _step(1, [0]), torch.zeros(1, HIDDEN), keep=True)
+        stream.sent[0][1].set_result(node_pb2.StepResult(step_id=1, error="stage 4-7: boom"))
+        assert plain.result(timeout=5).error == "stage 4-7: boom"
+        assert link.device_tokens(1, timeout_s=5) is None  # nothing in the ring for it
+        wrong = link.forward(stream, _step(2, [0, 1]), torch.zeros(2, HIDDEN), keep=True)
+        msg = stream.sent[1][0]
+        result = node_pb2.StepResult(step_id=2)
+        result.shared_tokens.CopyFrom(rings.put_tokens(msg.shared_hidden, torch.tensor([7])))  # one token for two
+        stream.sent[1][1].set_result(result)
+        with pytest.raises(RuntimeError, match="2 sequences"):
+            wrong.result(timeout=5)
+        assert link.device_tokens(2, timeout_s=5) is None
+        lost = link.forward(stream, _step(3, [0]), torch.zeros(1, HIDDEN), keep=True)
+        stream.sent[2][1].set_exception(ConnectionError("the next stage is gone"))
+        with pytest.raises(ConnectionError):
+            lost.result(timeout=5)
+        unanswered = link.forward(stream, _step(4, [0]), torch.zeros(1, HIDDEN), keep=True)
+        with pytest.raises(ValueError, match="has not come back"):
+            link.device_tokens(4, timeout_s=0.05)
+        assert not unanswered.done()
+    finally:
+        link.close()
+        rings.clear()
