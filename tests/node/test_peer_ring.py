@@ -87,6 +87,101 @@ def test_a_cuda_ipc_ring_carries_hidden_states_and_tokens_between_processes() ->
     run_two_processes("cuda:0", torch.bfloat16)
 
 
+def _flagged_downstream(offer: bytes, steps: int, conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    """The last stage of a flagged CUDA ring, in another process: for each step it reads the slot, waits on
+    the GPU (~50 ms) and writes tokens = the row sums, with the ticket in the flag; the answer leaves only
+    once the test says "go". A step sent with rows = 3 fails instead: no tokens, no flag, an error."""
+    try:
+        dev = torch.device("cuda:0")
+        rings = ReceivedRings(dev, is_last=True)
+        answer = rings.accept(node_pb2.ShareRequest.FromString(offer), hidden_size=HIDDEN)
+        conn.send_bytes(answer.SerializeToString())
+        for _ in range(steps):
+            slot = node_pb2.SharedSlot.FromString(receive(conn))
+            if slot.rows == 3:
+                assert receive(conn) == b"go"
+                conn.send_bytes(b"failed")
+                continue
+            x = rings.hidden(slot)
+            torch.cuda._sleep(50_000_000)  # the tokens come late on the device
+            put = rings.put_tokens(slot, x.float().sum(dim=1).round().long())
+            assert receive(conn) == b"go"
+            conn.send_bytes(put.SerializeToString())
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        conn.send_bytes(f"error: {e!r}".encode())
+
+
+def _synchronized_within(seconds: float) -> bool:
+    import threading
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (torch.cuda.synchronize(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_flags_let_rows_sent_ahead_start_on_the_gpu_before_the_answer() -> None:
+    from node.peer_ring import stream_wait_value
+
+    assert stream_wait_value() is not None, "the CUDA driver's cuStreamWaitValue32"
+    dev = torch.device("cuda:0")
+    hidden = SharedRing.allocate((4, 3, HIDDEN), torch.bfloat16, dev)
+    flags = SharedRing.allocate((4, 1), torch.int32, dev)
+    offer = node_pb2.ShareRequest(epoch=common_pb2.PlacementEpoch(value=1), ring_id=5, host_id=host_id(),
+                                  device_id=device_id(dev), hidden=hidden.export(), token_flags=flags.export())
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    steps = 7  # round the ring's 4 slots and more, one failing
+    child = ctx.Process(target=_flagged_downstream, args=(offer.SerializeToString(), steps, child_conn))
+    child.start()
+    link = None
+    stream = FakeStream()
+    try:
+        answer = node_pb2.ShareResponse.FromString(receive(conn))
+        assert answer.accepted and answer.token_flags, answer
+        flags.buffer.zero_()
+        torch.cuda.synchronize()
+        link = RingLink(5, hidden, SharedRing.open(answer.tokens, dev), flags=flags)
+        for step in range(1, steps + 1):
+            rows = 3 if step == 4 else 1 + step % 2
+            out = (torch.arange(rows * HIDDEN, device=dev).view(rows, HIDDEN) + 10 * step).to(torch.bfloat16)
+            final = link.forward(stream, _step(step, list(range(rows))), out, keep=True)
+            msg, answered = stream.sent[-1]
+            conn.send_bytes(msg.shared_hidden.SerializeToString())
+            kept = link.device_tokens(step, timeout_s=0.01)  # no answer yet: this must not wait for one
+            assert kept is not None and not final.done()
+            slots, tokens = kept
+            gathered = tokens.clone()  # queued behind the flag's wait on this stream
+            if step == 4:  # no flag will come from there: the failing answer unblocks the stream
+                assert not _synchronized_within(0.5), "the stream went on without the flag"
+                conn.send_bytes(b"go")
+                assert receive(conn) == b"failed"
+                answered.set_result(node_pb2.StepResult(step_id=step, error="stage 1-1: boom"))
+                assert _synchronized_within(10), "the stream still waits for the failed step's flag"
+                assert final.result(timeout=5).error == "stage 1-1: boom"
+                assert link.device_tokens(step, timeout_s=0.01) is None  # failed: nothing to take there
+                continue
+            want = out.float().sum(dim=1).round().long().tolist()
+            assert slots == {i: i for i in range(rows)}
+            assert gathered.tolist() == want  # the GPU waited for the other process's tokens
+            conn.send_bytes(b"go")
+            result = node_pb2.StepResult(step_id=step)
+            result.shared_tokens.CopyFrom(node_pb2.SharedSlot.FromString(receive(conn)))
+            answered.set_result(result)
+            assert [t.token_id for t in final.result(timeout=5).tokens] == want
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+        if link is not None:
+            link.close()
+        else:
+            hidden.close()
+            flags.close()
+
+
 def test_the_ring_file_is_gone_once_both_sides_mapped_it() -> None:
     ring = SharedRing.allocate((2, 2, HIDDEN), torch.float32, torch.device("cpu"))
     msg = ring.export()
