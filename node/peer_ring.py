@@ -76,10 +76,13 @@ _WAIT_VALUE: list = []  # [the driver's cuStreamWaitValue32, or None], looked up
 
 def stream_wait_value():  # noqa: ANN201 - a ctypes function or None
     """The CUDA driver's cuStreamWaitValue32 (stream, address, value, flags) -> CUresult, or None where
-    the driver cannot be loaded or lacks it (the ring then waits for the next stage's answer instead)."""
+    the driver cannot be loaded or lacks it, or TENSORFLEET_TOKEN_FLAGS=0 turns the flags off (the ring then
+    waits for the next stage's answer instead)."""
     if not _WAIT_VALUE:
         fn = None
         try:
+            if os.environ.get("TENSORFLEET_TOKEN_FLAGS", "1") == "0":
+                raise OSError("token flags are off (TENSORFLEET_TOKEN_FLAGS=0)")
             import ctypes
 
             lib = ctypes.CDLL("libcuda.so.1")
