@@ -34,16 +34,7 @@ from engine.sampling import SamplingParams, sample
 from engine.stage import StageModel, parse_dtype
 from engine.transfer import to_device, tokens_to_host
 from node.link import CodecCost, LinkPolicy, TrafficCounters, measure_cost, measure_link, parse_link_codec
-from node.peer_ring import (
-    MAX_RING_ROWS,
-    RING_SLOTS,
-    ReceivedRings,
-    RingLink,
-    SharedRing,
-    device_id,
-    host_id,
-    stream_wait_value,
-)
+from node.peer_ring import MAX_RING_ROWS, RING_SLOTS, ReceivedRings, RingLink, SharedRing, device_id, host_id
 from node.wire import (
     WireError,
     decode_from_proto,
@@ -330,7 +321,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
                 self.traffic.add(stream.address, codec, raw_bytes=raw, wire_bytes=wire)
                 sent = stream.submit(down)
             if first:  # rows sent ahead of this step wait for its tokens
-                sent = self._guard(msg, sent, [s.after_step for s in seqs if s.after_step])
                 sampled = self._remember(msg.step_id)
                 sent.add_done_callback(lambda f: _pass_tokens(f, sampled))
             return sent
@@ -360,32 +350,6 @@ class StageServicer(node_pb2_grpc.StageServicer):
             # ahead any moment, which it launches before these tokens reach the host.
             return finish()
         return self.finisher.submit(finish)  # the next step starts meanwhile
-
-    def _guard(self, msg: node_pb2.StepMessage, sent: futures.Future, follows: list[int]) -> futures.Future:
-        """The result of a step whose rows sent ahead took their tokens on the device from the steps
-        ``follows`` (token flags: without waiting for those steps to come back). Where one of them failed,
-        the device went on with whatever its token slot held: this step fails with it."""
-        if not follows:
-            return sent
-        earlier = [(step_id, self.recent.get(step_id)) for step_id in dict.fromkeys(follows)]
-        guarded: futures.Future = futures.Future()
-
-        def check() -> None:  # on the finisher, after the followed steps' results were composed there
-            for step_id, prior in earlier:
-                failure = None if prior is None else prior.exception(timeout=AHEAD_WAIT_S)
-                if failure is not None:
-                    guarded.set_result(node_pb2.StepResult(
-                        epoch=msg.epoch, step_id=msg.step_id,
-                        error=f"stage {self.spec.start}-{self.spec.end - 1}: the step this one follows "
-                              f"({step_id}) failed: {failure}"))
-                    return
-            try:
-                guarded.set_result(sent.result())
-            except Exception as e:  # noqa: BLE001 - passed on as it came
-                guarded.set_exception(e)
-
-        sent.add_done_callback(lambda _f: self.finisher.submit(check))
-        return guarded
 
     def _device_pools(self, followed: list[int]) -> dict[int, tuple[dict[int, int], torch.Tensor]] | None:
         """Each followed step's ({slot: row}, tokens on this device) for a gather on the device, or None
@@ -529,38 +493,26 @@ class StageServicer(node_pb2_grpc.StageServicer):
         except (OSError, RuntimeError) as e:
             log_line("executor", f"{name}: no shared memory for a ring to {stream.address}: {e}")
             return None
-        request = node_pb2.ShareRequest(epoch=common_pb2.PlacementEpoch(value=self.epoch),
-                                        ring_id=random.getrandbits(63), host_id=host_id(),
-                                        device_id=device_id(stage.device), hidden=hidden.export())
-        flags = None
-        if stage.device.type == "cuda" and stream_wait_value() is not None:
-            try:
-                flags = SharedRing.allocate((shape[0], 1), torch.int32, stage.device)
-                request.token_flags.CopyFrom(flags.export())
-            except RuntimeError as e:  # then rows sent ahead wait for the answers
-                log_line("executor", f"{name}: no token flags for the ring to {stream.address}: {e}")
-                flags = None
-        tokens = None
+        tokens, ring_id = None, random.getrandbits(63)
         try:
-            answer = stream.share(request)
+            answer = stream.share(node_pb2.ShareRequest(
+                epoch=common_pb2.PlacementEpoch(value=self.epoch), ring_id=ring_id, host_id=host_id(),
+                device_id=device_id(stage.device), hidden=hidden.export()))
             if answer.accepted and answer.HasField("tokens"):
                 tokens = SharedRing.open(answer.tokens, stage.device)
         except (grpc.RpcError, WireError, OSError, RuntimeError) as e:
             answer = node_pb2.ShareResponse(reason=str(e))
-        if flags is not None and not (tokens is not None and answer.token_flags):
-            flags.close()
-            flags = None
         if not answer.accepted:
             hidden.close()
             log_line("executor", f"{name} -> {stream.address}: hidden states as bytes ({answer.reason})")
             return None
-        if flags is not None:
-            flags.buffer.zero_()  # the check values were there; no ticket is 0
-            torch.cuda.synchronize(stage.device)
-        back = " (tokens back the same way" + (", flagged on the device)" if flags is not None else ")")
         log_line("executor", f"{name} -> {stream.address}: steps of up to {shape[1]} tokens through shared memory"
-                             f"{back if tokens is not None else ''}")
-        return RingLink(request.ring_id, hidden, tokens, flags=flags, finisher=self.finisher)
+                             f"{' (tokens back the same way)' if tokens is not None else ''}")
+        mps_pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"  # noqa: S108 - MPS's default
+        if stage.device.type == "cuda" and not os.path.exists(os.path.join(mps_pipe, "control")):
+            log_line("executor", f"{name}: two processes share {stage.device}; the GPU switches between their "
+                                 "contexts twice a step unless MPS runs (nvidia-cuda-mps-control -d; README, GPU)")
+        return RingLink(ring_id, hidden, tokens, finisher=self.finisher)
 
     def _measure_link(self, address: str, data_key: str) -> None:
         """Measure the link to ``address`` (and once, the codec's cost) for the auto policy; messages go

@@ -11,13 +11,14 @@ way; at batch 1 those hops, not the GPU, set the pace. Over a ring set up once b
 - the last stage writes the sampled tokens into its token ring's slot k, records its event k and
   answers at once (``StepResult.shared_tokens``): the upstream stage gathers a row sent ahead from
   there on the device and copies the tokens to the host for the coordinator on a side stream.
-- on CUDA the upstream stage also offers token flags: the last stage's stream writes the step's ticket
-  into flag k after the tokens, and the upstream stream waits for it (cuStreamWaitValue32) before the
-  gather. An event can only be waited on once it is recorded, so without the flags a row sent ahead
-  waited for the answer to cross two gRPC hops (1.4 ms on an H100 machine, more than a 1B-model step);
-  with them neither host waits for the other, and the GPU runs the stages back to back. A step that
-  fails never gets its flag written: the upstream stage writes it itself, and the rows computed after
-  it fail with it (the executor's guard).
+
+What is left between two stages on one GPU at batch 1 (a step about 0.25 ms longer than one stage's
+on an H100: a sixth of a 1B-shaped step, little next to an 8B one) is mostly the GPU switching between
+the two processes' contexts, twice a step; under MPS (one shared context) most of it goes. Flags written
+on the device by the last stage, so that a row sent ahead need not wait for the answer's two gRPC hops
+before its gather is queued (cuStreamWaitValue32), were tried and measured no faster (1.62 vs 1.61 ms
+per 1B step on an H100, 1.48 vs 1.47 under MPS): the answer comes back while the GPU is still busy
+with the step before.
 
 CUDA rings are mapped with CUDA IPC (cudaIpcMemHandle and interprocess events, as torch's storage
 sharing exports them), only between processes on the same GPU; CPU rings are a file in /dev/shm that
@@ -64,39 +65,6 @@ def device_id(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
-
-
-def _int32(ticket: int) -> int:
-    """A ticket (uint32) as the int32 of the same bits, for a torch int32 tensor."""
-    return ticket - (1 << 32) if ticket >= 1 << 31 else ticket
-
-
-_WAIT_VALUE: list = []  # [the driver's cuStreamWaitValue32, or None], looked up once
-
-
-def stream_wait_value():  # noqa: ANN201 - a ctypes function or None
-    """The CUDA driver's cuStreamWaitValue32 (stream, address, value, flags) -> CUresult, or None where
-    the driver cannot be loaded or lacks it, or TENSORFLEET_TOKEN_FLAGS=0 turns the flags off (the ring then
-    waits for the next stage's answer instead)."""
-    if not _WAIT_VALUE:
-        fn = None
-        try:
-            if os.environ.get("TENSORFLEET_TOKEN_FLAGS", "1") == "0":
-                raise OSError("token flags are off (TENSORFLEET_TOKEN_FLAGS=0)")
-            import ctypes
-
-            lib = ctypes.CDLL("libcuda.so.1")
-            fn = getattr(lib, "cuStreamWaitValue32_v2", None) or getattr(lib, "cuStreamWaitValue32", None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-        except OSError:
-            fn = None
-        _WAIT_VALUE.append(fn)
-    return _WAIT_VALUE[0]
-
-
-_WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, a cyclic comparison
 
 
 def _shm_dir() -> str:
@@ -210,28 +178,22 @@ class RingLink:
     tokens to the host."""
 
     def __init__(self, ring_id: int, hidden: SharedRing, tokens: SharedRing | None, *,
-                 flags: SharedRing | None = None, finisher: futures.Executor | None = None) -> None:
+                 finisher: futures.Executor | None = None) -> None:
         self.ring_id, self.hidden, self.tokens, self.finisher = ring_id, hidden, tokens, finisher
-        self.flags = flags if tokens is not None else None  # token flags the last stage writes (CUDA)
         self.slots, self.rows = hidden.slots, hidden.rows
-        self.device = hidden.buffer.device
+        device = hidden.buffer.device
         self._free = [threading.Event() for _ in range(self.slots)]
         for e in self._free:
             e.set()
         self._owner = [0] * self.slots  # the step that holds each slot
-        self._tickets = [0] * self.slots  # its use of the slot
         self._next = 0
-        # Steps kept for rows sent ahead of them: step id -> ({KV slot: row}, the SharedSlot it went in,
-        # future of the token slot the next stage's answer named, or None where the tokens came back on
-        # the host).
-        self._kept: OrderedDict[int, tuple[dict[int, int], node_pb2.SharedSlot, futures.Future]] = OrderedDict()
-        self._cuda = self.device.type == "cuda"
+        # Steps kept for rows sent ahead of them: step id -> ({KV slot: row}, future of the token slot the
+        # next stage's answer named, or None where the tokens came back on the host).
+        self._kept: OrderedDict[int, tuple[dict[int, int], futures.Future]] = OrderedDict()
+        self._cuda = device.type == "cuda"
         if self._cuda and tokens is not None:
-            self._copy_stream = torch.cuda.Stream(self.device)
+            self._copy_stream = torch.cuda.Stream(device)
             self._host = torch.empty((tokens.slots, tokens.rows), dtype=tokens.buffer.dtype, pin_memory=True)
-        self._wait_value = stream_wait_value() if self.flags is not None else None
-        if self.flags is not None and self._wait_value is None:
-            raise RuntimeError("token flags without the CUDA driver's cuStreamWaitValue32")
 
     def fits(self, rows: int) -> bool:
         return rows <= self.rows
@@ -247,7 +209,7 @@ class RingLink:
         sent = stream.submit(down)
         answered: futures.Future = futures.Future()
         if keep:
-            self._kept[down.step_id] = ({s.slot: i for i, s in enumerate(down.sequences)}, slot, answered)
+            self._kept[down.step_id] = ({s.slot: i for i, s in enumerate(down.sequences)}, answered)
             while len(self._kept) > KEPT_STEPS:
                 self._kept.popitem(last=False)
         final: futures.Future = futures.Future()
@@ -257,19 +219,11 @@ class RingLink:
     def device_tokens(self, step_id: int, timeout_s: float) -> tuple[dict[int, int], torch.Tensor] | None:
         """Kept step ``step_id``'s ({KV slot: row}, tokens [rows]) for work queued next on the current
         stream, which waits for them on the device; None where they are on the host only (or the step is
-        not kept). Without token flags it waits up to ``timeout_s`` for the next stage to answer
-        (ValueError after); with them, not at all: the stream waits for the flag."""
+        not kept). Waits up to ``timeout_s`` for the next stage to answer (ValueError after)."""
         entry = self._kept.get(step_id)
         if entry is None:
             return None
-        rows, slot, answered = entry
-        if self.flags is not None:
-            if self._owner[slot.index] != step_id:  # answered, home and the slot reused since
-                return None
-            if answered.done() and answered.result() is None:  # failed, or tokens on the host only
-                return None
-            self._wait_flag(slot.index, slot.ticket)
-            return rows, self.tokens.buffer[slot.index, :len(rows)]
+        rows, answered = entry
         try:
             answer = answered.result(timeout=timeout_s)
         except futures.TimeoutError as e:
@@ -285,13 +239,11 @@ class RingLink:
             if result.HasField("shared_tokens"):
                 self.check_answer(slot, result.shared_tokens, len(seqs))
         except Exception as e:  # noqa: BLE001 - the step, and the rows that follow it, fail with it
-            self._unblock(slot)
             self.release(slot.index)
             answered.set_result(None)
             final.set_exception(e)
             return
         if not result.HasField("shared_tokens"):  # on the host already (or an error)
-            self._unblock(slot)
             self.release(slot.index)
             answered.set_result(None)
             final.set_result(result)
@@ -325,32 +277,15 @@ class RingLink:
         if not self._free[k].wait(RING_WAIT_S):
             raise RuntimeError(f"ring slot {k} still holds step {self._owner[k]} after {RING_WAIT_S:g} s")
         self._next += 1
-        ticket = self._next % (1 << 32)
         self._free[k].clear()
-        self._owner[k], self._tickets[k] = step_id, ticket
+        self._owner[k] = step_id
         rows = out.shape[0]
         self.hidden.buffer[k, :rows].copy_(out)
         self.hidden.written(k)
-        return node_pb2.SharedSlot(ring_id=self.ring_id, index=k, rows=rows, ticket=ticket)
+        return node_pb2.SharedSlot(ring_id=self.ring_id, index=k, rows=rows)
 
     def release(self, k: int) -> None:
         self._free[k].set()
-
-    def _wait_flag(self, k: int, ticket: int) -> None:
-        """The current stream waits (on the device) until token flag k reaches ``ticket``."""
-        stream = torch.cuda.current_stream(self.device)
-        address = self.flags.buffer[k].data_ptr()
-        rc = self._wait_value(stream.cuda_stream, address, ticket, _WAIT_GEQ)
-        if rc != 0:
-            raise RuntimeError(f"cuStreamWaitValue32 failed with CUresult {rc}")
-
-    def _unblock(self, slot: node_pb2.SharedSlot) -> None:
-        """A step that will not get its tokens from the next stage: write its flag here (on a side
-        stream), so that work queued behind a wait for it is not stuck on the device."""
-        if self.flags is None:
-            return
-        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            self.flags.buffer[slot.index].fill_(_int32(slot.ticket))
 
     def check_answer(self, slot: node_pb2.SharedSlot, answer: node_pb2.SharedSlot, sequences: int) -> None:
         """The next stage's tokens (one per sequence) must be in the token slot of the step's slot."""
@@ -380,12 +315,6 @@ class RingLink:
         return host.tolist()
 
     def close(self) -> None:
-        if self.flags is not None:  # nothing may wait for a flag that no one will write
-            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-                for k in range(self.slots):
-                    self.flags.buffer[k].fill_(_int32(self._tickets[k]))
-            torch.cuda.synchronize(self.device)
-            self.flags.close()
         self.hidden.close()
         if self.tokens is not None:
             self.tokens.close()
@@ -399,7 +328,7 @@ class ReceivedRings:
 
     def __init__(self, device: torch.device, *, is_last: bool) -> None:
         self.device, self.is_last = device, is_last
-        self._rings: dict[int, tuple[SharedRing, SharedRing | None, SharedRing | None]] = {}  # hidden, tokens, flags
+        self._rings: dict[int, tuple[SharedRing, SharedRing | None]] = {}
         self._lock = threading.Lock()
 
     def accept(self, req: node_pb2.ShareRequest, *, hidden_size: int) -> node_pb2.ShareResponse:
@@ -418,28 +347,19 @@ class ReceivedRings:
             return node_pb2.ShareResponse(reason=f"a ring of shape {list(hidden.buffer.shape)} for hidden size "
                                                  f"{hidden_size}")
         response = node_pb2.ShareResponse(accepted=True)
-        tokens = flags = None
+        tokens = None
         if self.is_last:
             tokens = SharedRing.allocate((hidden.slots, hidden.rows), torch.long, self.device)
             response.tokens.CopyFrom(tokens.export())
-            if req.HasField("token_flags") and self.device.type == "cuda":
-                try:
-                    flags = SharedRing.open(req.token_flags, self.device)
-                except (WireError, OSError, RuntimeError):
-                    flags = None  # the upstream stage waits for the answers instead
-                if flags is not None and (flags.buffer.dtype != torch.int32
-                                          or tuple(flags.buffer.shape) != (hidden.slots, 1)):
-                    flags = None
-                response.token_flags = flags is not None
         with self._lock:
-            self._rings[req.ring_id] = (hidden, tokens, flags)
+            self._rings[req.ring_id] = (hidden, tokens)
             while len(self._rings) > MAX_RINGS:
-                _, old_tokens, _ = self._rings.pop(next(iter(self._rings)))
+                _, old_tokens = self._rings.pop(next(iter(self._rings)))
                 if old_tokens is not None:
                     old_tokens.close()
         return response
 
-    def _ring(self, slot: node_pb2.SharedSlot) -> tuple[SharedRing, SharedRing | None, SharedRing | None]:
+    def _ring(self, slot: node_pb2.SharedSlot) -> tuple[SharedRing, SharedRing | None]:
         ring = self._rings.get(slot.ring_id)
         if ring is None:
             raise WireError(f"shared hidden states in ring {slot.ring_id}, which this stage does not hold")
@@ -450,7 +370,7 @@ class ReceivedRings:
 
     def hidden(self, slot: node_pb2.SharedSlot) -> torch.Tensor:
         """The hidden states [rows, hidden] in the slot, for work queued next on the current stream."""
-        hidden = self._ring(slot)[0]
+        hidden, _ = self._ring(slot)
         hidden.wait(slot.index)
         return hidden.buffer[slot.index, :slot.rows]
 
@@ -459,18 +379,16 @@ class ReceivedRings:
 
     def put_tokens(self, slot: node_pb2.SharedSlot, tokens: torch.Tensor) -> node_pb2.SharedSlot:
         """Write a step's sampled tokens [sequences] (no more than its token rows) into the token ring's
-        slot (queued, then its event and, where the upstream stage offered flags, its ticket there)."""
-        _, ring, flags = self._ring(slot)
+        slot (queued, then its event)."""
+        _, ring = self._ring(slot)
         n = tokens.shape[0]
         ring.buffer[slot.index, :n].copy_(tokens)
         ring.written(slot.index)
-        if flags is not None:
-            flags.buffer[slot.index].fill_(_int32(slot.ticket))
         return node_pb2.SharedSlot(ring_id=slot.ring_id, index=slot.index, rows=n)
 
     def clear(self) -> None:
         with self._lock:
             rings, self._rings = list(self._rings.values()), {}
-        for _, tokens, _ in rings:
+        for _, tokens in rings:
             if tokens is not None:
                 tokens.close()

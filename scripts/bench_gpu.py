@@ -17,8 +17,7 @@ SHAPES, in ``--dtype``), each system of ``--systems`` is loaded, measured at eac
   the same device, two pipeline stages. B concurrent streaming clients (threads), one prompt each.
 - baselines, only when named in ``--systems``: ``engine_plain`` (no fused kernels, no pipelined decode),
   ``cluster1_nolookahead`` and ``cluster2_nolookahead`` (``coordinator start --no-lookahead``),
-  ``cluster2_noshm`` (``node join --no-shared-memory``: steps between the stages as bytes over gRPC),
-  ``cluster2_noflags`` (shared memory, but TENSORFLEET_TOKEN_FLAGS=0: stage 0 waits for the answer); and any
+  ``cluster2_noshm`` (``node join --no-shared-memory``: steps between the stages as bytes over gRPC); and any
   ``clusterN_lookaheadK`` (``--lookahead K``, N of 1 or 2).
 
 Every system gets the same prompts (seeded random token ids, ``--prompt-tokens`` long) and is timed the
@@ -58,7 +57,7 @@ sys.path.insert(0, str(REPO_ROOT / "proto"))
 
 SYSTEMS = ("copy", "hf", "engine", "cluster1", "cluster2")
 # Not run by default: the same systems without this version's speed-ups, for side-by-side ratios.
-BASELINES = ("engine_plain", "cluster1_nolookahead", "cluster2_nolookahead", "cluster2_noshm", "cluster2_noflags")
+BASELINES = ("engine_plain", "cluster1_nolookahead", "cluster2_nolookahead", "cluster2_noshm")
 MODEL_SYSTEMS = (*SYSTEMS[1:], *BASELINES)
 LOOKAHEAD_VARIANT = re.compile(r"cluster[12]_lookahead[0-4]")
 COPY_REPEATS = 10
@@ -275,7 +274,7 @@ class ClusterSystem:
 
     def __init__(self, model_dir: Path, args: argparse.Namespace, work: Path, *, nodes: int = 1,
                  devices: list[str] | None = None, stages: int | None = None, extra_args: Sequence[str] = (),
-                 shared_memory: bool = True, node_env: dict[str, str] | None = None) -> None:
+                 shared_memory: bool = True) -> None:
         from client.api import TensorfleetClient
         from coordinator.local_cluster import LocalCluster, NodeSpec
 
@@ -285,8 +284,7 @@ class ClusterSystem:
         coordinator_args = ["--stages", str(stages), "--dtype", args.dtype, "--slots", str(batch),
                             "--max-slots", str(max(batch, 64)), "--max-seq-len", str(args.max_seq_len),
                             "--max-step-tokens", str(batch * (args.prompt_tokens + 1)), "--no-http", *extra_args]
-        specs = [NodeSpec(devices=d, model_dir=str(model_dir), shared_memory=shared_memory, env=dict(node_env or {}))
-                 for d in devices]
+        specs = [NodeSpec(devices=d, model_dir=str(model_dir), shared_memory=shared_memory) for d in devices]
         self.cluster = LocalCluster(work, model=str(model_dir), nodes=specs, coordinator_args=coordinator_args)
         self.cluster.start(timeout_s=CLUSTER_START_S)  # stops what it started if it fails
         self.clients: list[Any] = []
@@ -349,13 +347,11 @@ def open_system(name: str, model_dir: Path, args: argparse.Namespace, work: Path
     nodes, _, variant = name.removeprefix("cluster").partition("_")
     if variant == "nolookahead":
         extra = ["--no-lookahead"]
-    elif variant in ("noshm", "noflags"):  # steps as bytes over gRPC; shared memory without token flags
+    elif variant == "noshm":  # hidden states and tokens between the stages as bytes over gRPC
         extra = []
     else:  # "" (the default lookahead) or lookaheadK
         extra = ["--lookahead", variant.removeprefix("lookahead")] if variant else []
-    env = {"TENSORFLEET_TOKEN_FLAGS": "0"} if variant == "noflags" else {}
-    return ClusterSystem(model_dir, args, work, nodes=int(nodes), extra_args=extra, shared_memory=variant != "noshm",
-                         node_env=env)
+    return ClusterSystem(model_dir, args, work, nodes=int(nodes), extra_args=extra, shared_memory=variant != "noshm")
 
 
 # ------------------------------------------------------------------------------------------- measure
@@ -425,8 +421,7 @@ def ratios(entry: dict[str, Any], batches: list[int]) -> dict[str, dict[str, flo
              "engine_over_engine_plain": ("engine", "engine_plain"),
              "cluster1_over_cluster1_nolookahead": ("cluster1", "cluster1_nolookahead"),
              "cluster2_over_cluster2_nolookahead": ("cluster2", "cluster2_nolookahead"),
-             "cluster2_over_cluster2_noshm": ("cluster2", "cluster2_noshm"),
-             "cluster2_over_cluster2_noflags": ("cluster2", "cluster2_noflags")}
+             "cluster2_over_cluster2_noshm": ("cluster2", "cluster2_noshm")}
     out: dict[str, dict[str, float]] = {}
     for batch in map(str, batches):
         ms = {name: s["batches"][batch]["ms_per_step"] for name, s in entry["systems"].items() if batch in s["batches"]}

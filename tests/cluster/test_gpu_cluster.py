@@ -1,7 +1,7 @@
 """A local cluster on one GPU (skipped without CUDA): one node, or two nodes each an executor on cuda:0
 serving a random-init Llama in bf16 as two pipeline stages; greedy output equals the single-process
 engine on the same GPU and dtype (with lookahead: on one stage, the rows sent ahead take their tokens on
-the device; on two, from the last stage's token ring, behind its token flags on the GPU)."""
+the device; on two, from the result passed back to stage 0)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,4 @@ def test_stages_on_one_gpu_match_the_engine(tmp_path: Path, stages: int) -> None
         with TensorfleetClient(cluster.address) as client:
             assert len(client.status().stages) == stages
             got = [client.generate(p, max_tokens=24, ignore_eos=True).token_ids for p in prompts]
-        logs = cluster.log("node0") + cluster.log("node1") if stages == 2 else ""
     assert got == want
-    if stages == 2:  # steps went through the CUDA ring, the rows sent ahead waited for token flags
-        assert "flagged on the device" in logs, logs[-3000:]

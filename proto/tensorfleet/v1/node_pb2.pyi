@@ -152,16 +152,14 @@ class StepResult(_message.Message):
     def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ..., shared_tokens: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
 
 class SharedSlot(_message.Message):
-    __slots__ = ("ring_id", "index", "rows", "ticket")
+    __slots__ = ("ring_id", "index", "rows")
     RING_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
-    TICKET_FIELD_NUMBER: _ClassVar[int]
     ring_id: int
     index: int
     rows: int
-    ticket: int
-    def __init__(self, ring_id: _Optional[int] = ..., index: _Optional[int] = ..., rows: _Optional[int] = ..., ticket: _Optional[int] = ...) -> None: ...
+    def __init__(self, ring_id: _Optional[int] = ..., index: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class SharedBuffer(_message.Message):
     __slots__ = ("kind", "shape", "dtype", "path", "ipc_handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "ipc_event", "ipc_event_sync", "slot_events", "check_values")
@@ -194,32 +192,28 @@ class SharedBuffer(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., ipc_event: _Optional[bytes] = ..., ipc_event_sync: _Optional[bool] = ..., slot_events: _Optional[_Iterable[bytes]] = ..., check_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShareRequest(_message.Message):
-    __slots__ = ("epoch", "ring_id", "host_id", "device_id", "hidden", "token_flags")
+    __slots__ = ("epoch", "ring_id", "host_id", "device_id", "hidden")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RING_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FLAGS_FIELD_NUMBER: _ClassVar[int]
     epoch: _common_pb2.PlacementEpoch
     ring_id: int
     host_id: str
     device_id: str
     hidden: SharedBuffer
-    token_flags: SharedBuffer
-    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., ring_id: _Optional[int] = ..., host_id: _Optional[str] = ..., device_id: _Optional[str] = ..., hidden: _Optional[_Union[SharedBuffer, _Mapping]] = ..., token_flags: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[_Union[_common_pb2.PlacementEpoch, _Mapping]] = ..., ring_id: _Optional[int] = ..., host_id: _Optional[str] = ..., device_id: _Optional[str] = ..., hidden: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
 
 class ShareResponse(_message.Message):
-    __slots__ = ("accepted", "reason", "tokens", "token_flags")
+    __slots__ = ("accepted", "reason", "tokens")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FLAGS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     tokens: SharedBuffer
-    token_flags: bool
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., tokens: _Optional[_Union[SharedBuffer, _Mapping]] = ..., token_flags: _Optional[bool] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., tokens: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("payload",)
